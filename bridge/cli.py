@@ -1,0 +1,199 @@
+"""The operator's commands: ``odmr-bridge serve|reindex|domain|queue``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import getpass
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TextIO
+
+import redis.exceptions
+
+from bridge import config
+from bridge.accounts import AccountsError, AccountsFile
+from bridge.daemon import Daemon, redis_client
+from bridge.embedded_redis import EmbeddedRedisError
+from bridge.index import Index, IndexedMessage
+from bridge.logs import setup as setup_logging
+from bridge.queue import HoldQueue
+from bridge.spool import Spool
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class CliError(Exception):
+    """A problem the operator can fix; printed without a traceback."""
+
+
+def read_password(user: str, stdin: TextIO) -> bytes:
+    """From stdin when it is not a terminal (first line), else a prompt. Never argv."""
+    if stdin.isatty():
+        first = getpass.getpass(f"Password for {user}: ")
+        if getpass.getpass(f"Again for {user}: ") != first:
+            raise CliError("passwords do not match")
+        password = first
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    if not password:
+        raise CliError(f"empty password for user {user}")
+    return password.encode("utf-8")
+
+
+# -- domain ------------------------------------------------------------------
+
+def cmd_domain(args: argparse.Namespace, settings: config.Settings) -> int:
+    store = AccountsFile(settings.accounts.file)
+    if args.action == "list":
+        accounts = store.read()
+        for domain, users in sorted(accounts.domains.items()):
+            print(f"{domain}\t{','.join(users)}")
+        return 0
+    if args.action == "remove":
+        store.remove_domain(args.domain)
+        print(f"removed ATRN domain {args.domain}")
+        return 0
+    existing = store.read().users
+    if args.action == "add":
+        passwords = {u: read_password(u, sys.stdin) for u in args.user if u not in existing}
+        store.add_domain(args.domain, args.user, passwords)
+        print(f"added ATRN domain {args.domain}, collected by {', '.join(args.user)}")
+        return 0
+    # set
+    changing = list(args.user or []) + list(args.add_user or [])
+    need = {u for u in changing if args.password or u not in existing}
+    if args.password and not changing:
+        raise CliError("--password needs --user or --add-user to name whose password")
+    passwords = {u: read_password(u, sys.stdin) for u in sorted(need)}
+    store.set_domain(args.domain, users=args.user, add_users=args.add_user or [],
+                     remove_users=args.remove_user or [], passwords=passwords)
+    users = store.read().domains.get(args.domain.lower(), ())
+    print(f"updated ATRN domain {args.domain}, collected by {', '.join(users)}")
+    return 0
+
+
+# -- queue -------------------------------------------------------------------
+
+def _format_postqueue(messages: list[IndexedMessage]) -> str:
+    """``postqueue -p`` style listing."""
+    out = ["-Queue ID-          --Size-- ----Arrival Time---- -Sender/Recipient-------"]
+    total = 0
+    for m in messages:
+        when = datetime.datetime.fromtimestamp(m.arrival).strftime("%a %b %d %H:%M:%S")
+        out.append(f"{m.qid:<19} {m.size:>8} {when:>20} {m.sender or 'MAILER-DAEMON'}")
+        for address, state in m.recipients:
+            mark = "" if state == "pending" else f"  ({state})"
+            out.append(f"{'':>50}{address}{mark}")
+        out.append("")
+        total += m.size
+    if not messages:
+        return "Mail queue is empty"
+    kb = (total + 1023) // 1024
+    out.append(f"-- {kb} Kbytes in {len(messages)} Request{'s' if len(messages) != 1 else ''}.")
+    return "\n".join(out)
+
+
+async def _queue_list(settings: config.Settings, domain: str | None, as_json: bool) -> int:
+    client = redis_client(settings)
+    try:
+        index = Index(client)
+        domains = [domain.lower()] if domain else await index.domains()
+        messages: list[IndexedMessage] = []
+        for d in domains:
+            messages.extend(await index.messages(d))
+    finally:
+        await client.aclose()
+    messages.sort(key=lambda m: m.arrival)
+    if as_json:
+        print(json.dumps([
+            {"queue_id": m.qid, "domain": m.domain, "arrival_time": m.arrival,
+             "message_size": m.size, "sender": m.sender,
+             "recipients": [{"address": a, "state": s} for a, s in m.recipients]}
+            for m in messages
+        ], indent=1))
+    else:
+        print(_format_postqueue(messages))
+    return 0
+
+
+async def _reindex(settings: config.Settings) -> int:
+    client = redis_client(settings)
+    try:
+        report = await HoldQueue(Spool(settings.spool.dir), Index(client)).reindex()
+    finally:
+        await client.aclose()
+    print(f"reindexed {report.messages} message(s) in {report.domains} domain(s); "
+          f"{report.corrupt} corrupt file(s) moved to corrupt/")
+    return 0
+
+
+# -- wiring ------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="odmr-bridge", description=__doc__)
+    parser.add_argument("-c", "--config", help="TOML configuration file")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="run the LMTP intake and the ODMR listener")
+    sub.add_parser("reindex", help="rebuild the Redis index from the spool")
+
+    domain = sub.add_parser("domain", help="ATRN domains and who may collect them")
+    dsub = domain.add_subparsers(dest="action", required=True)
+    add = dsub.add_parser("add", help="create an ATRN domain (password on stdin or prompt)")
+    add.add_argument("domain")
+    add.add_argument("--user", action="append", required=True,
+                     help="customer allowed to collect the domain (repeatable)")
+    change = dsub.add_parser("set", help="modify an existing ATRN domain")
+    change.add_argument("domain")
+    change.add_argument("--user", action="append",
+                        help="replace the domain's users with these (repeatable)")
+    change.add_argument("--add-user", action="append", help="also allow this user")
+    change.add_argument("--remove-user", action="append", help="no longer allow this user")
+    change.add_argument("--password", action="store_true",
+                        help="set a new password for the users named by --user/--add-user")
+    remove = dsub.add_parser("remove", help="delete an ATRN domain")
+    remove.add_argument("domain")
+    dsub.add_parser("list", help="list ATRN domains and their users")
+
+    queue = sub.add_parser("queue", help="inspect the hold queue")
+    qsub = queue.add_subparsers(dest="action", required=True)
+    qlist = qsub.add_parser("list", help="list held mail, like postqueue -p")
+    qlist.add_argument("domain", nargs="?")
+    qlist.add_argument("--json", action="store_true", help="one JSON array")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"odmr-bridge: configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(settings.log.level)
+    runners: dict[str, Callable[[], Awaitable[int] | int]] = {
+        "serve": lambda: Daemon(settings).run(),
+        "reindex": lambda: _reindex(settings),
+        "domain": lambda: cmd_domain(args, settings),
+        "queue": lambda: _queue_list(settings, args.domain, args.json),
+    }
+    try:
+        result = runners[args.command]()
+        if not isinstance(result, int):
+            result = asyncio.run(result)  # type: ignore[arg-type]
+        return result
+    except (CliError, AccountsError, EmbeddedRedisError) as exc:
+        print(f"odmr-bridge: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (ConnectionError, redis.exceptions.ConnectionError) as exc:
+        print(f"odmr-bridge: cannot reach Redis ({exc}); is the bridge running?",
+              file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Typed, frozen settings: built-in defaults < TOML file < environment.
+
+The file comes from ``-c/--config``, else ``$ODMR_BRIDGE_CONFIG``, else
+``/etc/odmr-bridge/odmr-bridge.toml`` when it exists, else only the defaults
+apply.  Every key can be overridden by ``ODMR_BRIDGE_<SECTION>_<KEY>``.
+An unknown section or key, or a value of the wrong kind, raises
+:class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/odmr-bridge/odmr-bridge.toml")
+ENV_PREFIX = "ODMR_BRIDGE_"
+
+
+class ConfigError(Exception):
+    """A setting is unknown or has a bad value; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisSettings:
+    # Empty: start a private redis-server under the spool directory.
+    url: str = ""
+    server_binary: str = "redis-server"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpoolSettings:
+    dir: str = "/var/spool/odmr-bridge"
+
+
+@dataclasses.dataclass(frozen=True)
+class LmtpSettings:
+    # "host:port" or an absolute unix socket path.
+    listen: str = "127.0.0.1:10025"
+    max_message_size: int = 52_428_800
+    timeout: float = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OdmrSettings:
+    listen: str = "0.0.0.0:366"
+    hostname: str = ""
+    # How long one ATRN session may hold a domain without renewing its lease.
+    lease_seconds: float = 60.0
+    # Idle time allowed before ATRN, and per step of the reversed session.
+    command_timeout: float = 300.0
+    reply_timeout: float = 300.0
+    data_timeout: float = 600.0
+    shutdown_grace: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AccountsSettings:
+    # The file with ATRN domains and their customers' credentials.
+    file: str = "/etc/odmr-bridge/customers.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    redis: RedisSettings = RedisSettings()
+    spool: SpoolSettings = SpoolSettings()
+    lmtp: LmtpSettings = LmtpSettings()
+    odmr: OdmrSettings = OdmrSettings()
+    accounts: AccountsSettings = AccountsSettings()
+    log: LogSettings = LogSettings()
+
+
+_LOG_LEVELS = {"debug", "info", "warning", "error"}
+
+
+def _coerce(name: str, kind: type, value: Any, from_env: bool) -> Any:
+    """Return *value* as *kind* or raise ConfigError naming *name*."""
+    if kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is int:
+        if from_env:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if from_env:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
+
+
+def _section_types(section_cls: type) -> dict[str, type]:
+    hints = {"str": str, "int": int, "float": float}
+    return {f.name: hints[str(f.type)] for f in dataclasses.fields(section_cls)}
+
+
+def _validate(settings: Settings) -> None:
+    if settings.log.level not in _LOG_LEVELS:
+        raise ConfigError(
+            f"log.level: expected one of {sorted(_LOG_LEVELS)}, got {settings.log.level!r}"
+        )
+    for name, value in (("lmtp.listen", settings.lmtp.listen),
+                        ("odmr.listen", settings.odmr.listen)):
+        try:
+            parse_listen(value)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    for name, number in (("lmtp.max_message_size", settings.lmtp.max_message_size),
+                         ("odmr.lease_seconds", settings.odmr.lease_seconds)):
+        if number <= 0:
+            raise ConfigError(f"{name}: must be positive, got {number!r}")
+
+
+def build(file_data: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """Combine TOML data and environment overrides into Settings."""
+    sections: dict[str, dict[str, Any]] = {}
+    fields = {f.name: f.type for f in dataclasses.fields(Settings)}
+    section_classes = {name: type(getattr(Settings(), name)) for name in fields}
+    for section, values in file_data.items():
+        if section not in section_classes:
+            raise ConfigError(f"[{section}]: unknown section")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{section}]: expected a table")
+        types = _section_types(section_classes[section])
+        for key, value in values.items():
+            if key not in types:
+                raise ConfigError(f"{section}.{key}: unknown key")
+            sections.setdefault(section, {})[key] = _coerce(
+                f"{section}.{key}", types[key], value, from_env=False
+            )
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section not in section_classes:
+            raise ConfigError(f"{var}: unknown section {section!r}")
+        types = _section_types(section_classes[section])
+        if key not in types:
+            raise ConfigError(f"{var}: unknown key {section}.{key}")
+        sections.setdefault(section, {})[key] = _coerce(var, types[key], value, from_env=True)
+    settings = Settings(**{
+        name: section_classes[name](**sections.get(name, {})) for name in section_classes
+    })
+    _validate(settings)
+    return settings
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load settings from *path* (or the usual places) and the environment."""
+    env = os.environ if environ is None else environ
+    chosen = path or env.get(ENV_PREFIX + "CONFIG")
+    data: dict[str, Any] = {}
+    if chosen is not None:
+        file = Path(chosen)
+        if not file.is_file():
+            raise ConfigError(f"config file {file}: not found")
+    elif DEFAULT_CONFIG_PATH.is_file():
+        file = DEFAULT_CONFIG_PATH
+    else:
+        file = None
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {file}: {exc}") from None
+    return build(data, env)
+
+
+def parse_listen(value: str) -> tuple[str, int] | str:
+    """``host:port`` -> (host, port); an absolute path -> a unix socket path."""
+    if value.startswith("/"):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port or an absolute socket path, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)

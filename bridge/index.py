@@ -1,0 +1,137 @@
+"""The Redis index of held mail: one method per atomic state change.
+
+Redis is the index operators monitor; the spool is the record.  Every
+message state change here is a single Lua script (``lua/``) or a single
+command, so a crash never leaves a half-indexed message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from bridge import keys
+from bridge.spool import Envelope
+
+
+def _load(name: str) -> str:
+    return resources.files("bridge").joinpath("lua", name).read_text()
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexedMessage:
+    qid: str
+    domain: str
+    arrival: float
+    size: int
+    sender: str
+    recipients: list[tuple[str, str]]  # (address, state)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _recipients_json(envelope: Envelope) -> str:
+    return json.dumps([[r.address, r.state] for r in envelope.recipients])
+
+
+class Index:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self._add: AsyncScript = client.register_script(_load("index_add.lua"))
+        self._remove: AsyncScript = client.register_script(_load("index_remove.lua"))
+        self._renew: AsyncScript = client.register_script(_load("lease_renew.lua"))
+        self._release: AsyncScript = client.register_script(_load("lease_release.lua"))
+
+    # -- message state ---------------------------------------------------
+
+    async def add(self, envelope: Envelope) -> bool:
+        d = envelope.domain
+        added = await self._add(
+            keys=[keys.deferred(d), keys.message(d, envelope.qid), keys.stats(d)],
+            args=[envelope.qid, repr(envelope.arrival), envelope.size, envelope.sender,
+                  _recipients_json(envelope)],
+        )
+        await self.redis.sadd(keys.DOMAINS, d)
+        return bool(added)
+
+    async def update_recipients(self, envelope: Envelope) -> None:
+        await self.redis.hset(keys.message(envelope.domain, envelope.qid),
+                              "rcpts", _recipients_json(envelope))
+
+    async def remove(self, domain: str, qid: str) -> bool:
+        removed = await self._remove(
+            keys=[keys.deferred(domain), keys.message(domain, qid), keys.stats(domain)],
+            args=[qid],
+        )
+        return bool(removed)
+
+    # -- reading -----------------------------------------------------------
+
+    async def domains(self) -> list[str]:
+        return sorted(_text(m) for m in await self.redis.smembers(keys.DOMAINS))
+
+    async def queued_ids(self, domain: str, limit: int | None = None) -> list[str]:
+        end = -1 if limit is None else limit - 1
+        raw: list[Any] = await self.redis.zrange(keys.deferred(domain), 0, end)
+        return [_text(q) for q in raw]
+
+    async def count(self, domain: str) -> int:
+        return int(await self.redis.zcard(keys.deferred(domain)))
+
+    async def messages(self, domain: str) -> list[IndexedMessage]:
+        qids = await self.queued_ids(domain)
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in qids:
+            pipe.hgetall(keys.message(domain, qid))
+        found: list[IndexedMessage] = []
+        for qid, raw in zip(qids, await pipe.execute(), strict=True):
+            if not raw:
+                continue
+            fields = {_text(k): _text(v) for k, v in raw.items()}
+            found.append(IndexedMessage(
+                qid=qid, domain=domain, arrival=float(fields["arrival"]),
+                size=int(fields["size"]), sender=fields["sender"],
+                recipients=[(a, s) for a, s in json.loads(fields["rcpts"])],
+            ))
+        return found
+
+    async def stats(self, domain: str) -> dict[str, int]:
+        raw: dict[Any, Any] = await self.redis.hgetall(keys.stats(domain))
+        return {_text(k): int(v) for k, v in raw.items()}
+
+    # -- leases: one ATRN session per domain -------------------------------
+
+    @staticmethod
+    def new_token() -> str:
+        return secrets.token_hex(16)
+
+    async def acquire(self, domain: str, token: str, ttl_seconds: float) -> bool:
+        return bool(await self.redis.set(keys.lease(domain), token, nx=True,
+                                         px=int(ttl_seconds * 1000)))
+
+    async def renew(self, domain: str, token: str, ttl_seconds: float) -> bool:
+        return bool(await self._renew(keys=[keys.lease(domain)],
+                                      args=[token, int(ttl_seconds * 1000)]))
+
+    async def release(self, domain: str, token: str) -> bool:
+        return bool(await self._release(keys=[keys.lease(domain)], args=[token]))
+
+    # -- maintenance ---------------------------------------------------------
+
+    async def forget_domain(self, domain: str) -> None:
+        """Drop a domain's whole index (used by reindex before rebuilding it)."""
+        qids = await self.queued_ids(domain)
+        pipe = self.redis.pipeline(transaction=True)
+        for start in range(0, len(qids), 1000):
+            pipe.delete(*[keys.message(domain, q) for q in qids[start:start + 1000]])
+        pipe.delete(keys.deferred(domain), keys.stats(domain))
+        pipe.srem(keys.DOMAINS, domain)
+        await pipe.execute()

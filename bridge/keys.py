@@ -1,0 +1,40 @@
+"""Every Redis key name the bridge uses, built in one place.
+
+The hash tag ``{domain}`` keeps all keys of one domain in one cluster slot,
+so each per-domain state change can be one MULTI/EXEC or Lua script.
+
+    bridge:domains                 SET   domains that have (or had) held mail
+    bridge:{d}:deferred            ZSET  qid -> arrival (unix seconds)
+    bridge:{d}:msg:<qid>           HASH  sender, size, arrival, rcpts (JSON)
+    bridge:{d}:stats               HASH  messages, bytes (held now)
+    bridge:{d}:lease               STRING token of the ATRN session collecting d
+"""
+
+from __future__ import annotations
+
+PREFIX = "bridge"
+DOMAINS = f"{PREFIX}:domains"
+
+
+def _tag(domain: str) -> str:
+    return f"{PREFIX}:{{{domain}}}"
+
+
+def deferred(domain: str) -> str:
+    return f"{_tag(domain)}:deferred"
+
+
+def message(domain: str, qid: str) -> str:
+    return f"{_tag(domain)}:msg:{qid}"
+
+
+def message_prefix(domain: str) -> str:
+    return f"{_tag(domain)}:msg:"
+
+
+def stats(domain: str) -> str:
+    return f"{_tag(domain)}:stats"
+
+
+def lease(domain: str) -> str:
+    return f"{_tag(domain)}:lease"

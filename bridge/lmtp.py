@@ -1,0 +1,106 @@
+"""LMTP intake (RFC 2033): the host MTA hands ATRN-domain mail to us.
+
+aiosmtpd's ``LMTP`` class answers DATA with a single reply; RFC 2033 wants
+one per accepted recipient, and Postfix delivers twice without them.  The
+handler below sends that one reply per recipient, each naming the queue ID
+of the copy held for the recipient's domain.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import Session
+
+from bridge import replies
+from bridge.accounts import Accounts, AccountsError, normalize_domain
+from bridge.queue import HoldQueue
+from bridge.spool import Recipient
+
+log = logging.getLogger("bridge.lmtp")
+
+# Intake parameters worth keeping for the reversed session (SIZE is recomputed).
+_KEPT_MAIL_OPTIONS = ("BODY=", "SMTPUTF8")
+
+
+def recipient_domain(address: str) -> str | None:
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        return None
+    try:
+        return normalize_domain(domain)
+    except AccountsError:
+        return None
+
+
+class IntakeHandler:
+    """aiosmtpd hooks: admit recipients of ATRN domains, commit at end of DATA."""
+
+    def __init__(self, queue: HoldQueue, accounts: Callable[[], Accounts]) -> None:
+        self.queue = queue
+        self.accounts = accounts
+
+    async def handle_EHLO(self, server: LMTP, session: Session, envelope: SmtpEnvelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        return [responses[0], *extra, *(r for r in responses[1:] if "AUTH" not in r)]
+
+    async def handle_MAIL(self, server: LMTP, session: Session, envelope: SmtpEnvelope,
+                          address: str, mail_options: list[str]) -> str:
+        # Keep "<>" here: aiosmtpd treats an empty mail_from as "no MAIL yet".
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: LMTP, session: Session, envelope: SmtpEnvelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        domain = recipient_domain(address)
+        if domain is None:
+            return replies.RCPT_BAD_ADDRESS.format(rcpt=address)
+        if not self.accounts().is_atrn_domain(domain):
+            log.info("reject: RCPT to=<%s>: domain %s is not an ATRN domain", address, domain)
+            return replies.RCPT_NOT_ATRN_DOMAIN.format(rcpt=address)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return replies.RCPT_OK
+
+    async def handle_DATA(self, server: LMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        by_domain: dict[str, list[Recipient]] = defaultdict(list)
+        for address in envelope.rcpt_tos:
+            domain = recipient_domain(address)
+            assert domain is not None  # checked at RCPT
+            by_domain[domain].append(Recipient(address=address))
+        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        options = [o for o in envelope.mail_options if o.startswith(_KEPT_MAIL_OPTIONS)]
+        body: bytes = envelope.original_content or b""
+        try:
+            qids = await self.queue.commit(sender, options, dict(by_domain), body)
+        except Exception as exc:
+            log.error("warning: queue commit failed from=<%s> nrcpt=%d: %s: %s", sender,
+                      len(envelope.rcpt_tos), type(exc).__name__, exc)
+            lines = [replies.LOCAL_ERROR.format(rcpt=r) for r in envelope.rcpt_tos]
+        else:
+            for domain, qid in qids.items():
+                log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue deferred for %s)", qid,
+                         sender, len(body), len(by_domain[domain]), domain)
+            lines = [
+                replies.QUEUED.format(rcpt=r, qid=qids[recipient_domain(r) or ""])
+                for r in envelope.rcpt_tos
+            ]
+        # RFC 2033 section 4.2: one reply per accepted recipient, in RCPT order.
+        for line in lines[:-1]:
+            await server.push(line)
+        return lines[-1]
+
+
+class IntakeServer(LMTP):
+    """aiosmtpd's LMTP with the bridge's limits; one instance per connection."""
+
+    def __init__(self, handler: IntakeHandler, **kwargs: Any) -> None:
+        super().__init__(handler, enable_SMTPUTF8=True, **kwargs)

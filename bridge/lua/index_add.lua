@@ -1,0 +1,19 @@
+-- Index one held message, unless it is indexed already (commit and reindex).
+-- KEYS[1] deferred ZSET   bridge:{d}:deferred
+-- KEYS[2] message HASH    bridge:{d}:msg:<qid>
+-- KEYS[3] stats HASH      bridge:{d}:stats
+-- ARGV[1] qid
+-- ARGV[2] arrival (unix seconds)
+-- ARGV[3] size (bytes)
+-- ARGV[4] sender
+-- ARGV[5] recipients (JSON)
+-- Returns 1 when added, 0 when it was there already.
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[2], 'arrival', ARGV[2], 'size', ARGV[3],
+           'sender', ARGV[4], 'rcpts', ARGV[5])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'messages', 1)
+redis.call('HINCRBY', KEYS[3], 'bytes', ARGV[3])
+return 1

@@ -1,0 +1,15 @@
+-- Drop one message from the index (delivered, failed, deleted or gone from the spool).
+-- KEYS[1] deferred ZSET   bridge:{d}:deferred
+-- KEYS[2] message HASH    bridge:{d}:msg:<qid>
+-- KEYS[3] stats HASH      bridge:{d}:stats
+-- ARGV[1] qid
+-- Returns 1 when removed, 0 when it was not indexed.
+local size = redis.call('HGET', KEYS[2], 'size')
+redis.call('ZREM', KEYS[1], ARGV[1])
+if not size then
+  return 0
+end
+redis.call('DEL', KEYS[2])
+redis.call('HINCRBY', KEYS[3], 'messages', -1)
+redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(size))
+return 1

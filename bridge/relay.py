@@ -1,0 +1,241 @@
+"""The provider's side of a reversed ODMR session: deliver held mail as an SMTP client.
+
+After ``250 OK now reversing the connection`` the customer speaks first (its
+``220``); we send EHLO (HELO if refused), then every held message of the
+granted domains, then QUIT.  Each recipient's answer is settled in the hold
+queue as it arrives: 2xx delivered, 4xx stays held, 5xx failed.  A lost
+connection at any point leaves everything not yet settled held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from bridge.queue import HoldQueue, Outcome
+from bridge.smtp_client import Extensions, Reply, dot_stuff, read_reply
+from bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Spool
+
+log = logging.getLogger("bridge.relay")
+
+BODY_CHUNK = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    """RFC 5321 4.5.3.2 client timeouts, in seconds."""
+
+    greeting: float = 300.0
+    command: float = 300.0
+    data_start: float = 120.0
+    data_end: float = 600.0
+
+
+@dataclasses.dataclass
+class DrainReport:
+    delivered: int = 0
+    deferred: int = 0
+    failed: int = 0
+    messages: int = 0
+    completed: bool = False
+
+    def count(self, state: str) -> None:
+        if state == DELIVERED:
+            self.delivered += 1
+        elif state == FAILED:
+            self.failed += 1
+        else:
+            self.deferred += 1
+
+
+def _state_for(reply: Reply) -> str:
+    if reply.kind == 2:
+        return DELIVERED
+    if reply.kind == 5:
+        return FAILED
+    return PENDING
+
+
+def _needs_8bit(envelope: Envelope) -> bool:
+    return "BODY=8BITMIME" in envelope.mail_options
+
+
+def _needs_smtputf8(envelope: Envelope) -> bool:
+    return "SMTPUTF8" in envelope.mail_options
+
+
+class Relay:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        queue: HoldQueue,
+        *,
+        hostname: str,
+        peer: str,
+        timeouts: Timeouts,
+        keep_going: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.queue = queue
+        self.spool: Spool = queue.spool
+        self.hostname = hostname
+        self.relay_name = peer
+        self.timeouts = timeouts
+        self.keep_going = keep_going
+        self.extensions = Extensions()
+
+    # -- the dialogue --------------------------------------------------------
+
+    async def _send(self, *lines: str) -> None:
+        for line in lines:
+            self.writer.write(line.encode("utf-8") + b"\r\n")
+        await self.writer.drain()
+
+    async def _command(self, line: str, timeout: float) -> Reply:
+        await self._send(line)
+        return await read_reply(self.reader, timeout)
+
+    async def greet(self) -> bool:
+        """Read the customer's 220 and introduce ourselves; False if it will not talk."""
+        greeting = await read_reply(self.reader, self.timeouts.greeting)
+        if greeting.code != 220:
+            log.warning("relay=%s: customer greeting: %s", self.relay_name, greeting)
+            return False
+        reply = await self._command(f"EHLO {self.hostname}", self.timeouts.command)
+        if reply.kind == 2:
+            self.extensions = Extensions.from_ehlo(reply)
+            return True
+        reply = await self._command(f"HELO {self.hostname}", self.timeouts.command)
+        if reply.kind != 2:
+            log.warning("relay=%s: customer refused HELO: %s", self.relay_name, reply)
+            return False
+        return True
+
+    async def quit(self) -> None:
+        with contextlib.suppress(ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            await self._command("QUIT", self.timeouts.command)
+
+    async def drain(self, domains: list[str]) -> DrainReport:
+        """Deliver every held message of *domains*, including mail arriving meanwhile."""
+        report = DrainReport()
+        if not await self.greet():
+            return report
+        for domain in domains:
+            attempted: set[str] = set()
+            while self.keep_going():
+                fresh = [q for q in await self.queue.held(domain) if q not in attempted]
+                if not fresh:
+                    break
+                for qid in fresh:
+                    if not self.keep_going():
+                        break
+                    attempted.add(qid)
+                    envelope = await self.queue.load(domain, qid)
+                    if envelope is None:
+                        continue
+                    await self.deliver(envelope, report)
+        if self.keep_going():
+            await self.quit()
+            report.completed = True
+        return report
+
+    async def deliver(self, envelope: Envelope, report: DrainReport) -> None:
+        """One transaction for the pending recipients of one held message."""
+        started = time.monotonic()
+        report.messages += 1
+        recipients = [r.address for r in envelope.pending()]
+        refusal = self._local_refusal(envelope)
+        if refusal is not None:
+            replies = dict.fromkeys(recipients, refusal)
+        else:
+            replies = await self._transaction(envelope, recipients)
+        outcomes = {a: Outcome(_state_for(r), str(r)) for a, r in replies.items()}
+        await self.queue.settle(envelope, outcomes)
+        delay = time.monotonic() - started
+        for address, reply in replies.items():
+            state = _state_for(reply)
+            status = {DELIVERED: "sent", FAILED: "bounced", PENDING: "deferred"}[state]
+            report.count(state)
+            log.info("%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
+                     envelope.qid, address, self.relay_name, delay, reply.dsn, status, reply)
+
+    def _local_refusal(self, envelope: Envelope) -> Reply | None:
+        """A reason not to send this message to this customer at all, as a reply."""
+        if _needs_smtputf8(envelope) and "SMTPUTF8" not in self.extensions:
+            return Reply(554, ("5.6.7 customer MTA does not support SMTPUTF8",))
+        if _needs_8bit(envelope) and "8BITMIME" not in self.extensions:
+            # RFC 6152: never send 8-bit data to a server that does not offer it.
+            return Reply(450, ("4.6.0 customer MTA does not offer 8BITMIME; message held",))
+        limit = self.extensions.size_limit()
+        if limit is not None and envelope.size > limit:
+            return Reply(552, (f"5.3.4 message size {envelope.size} exceeds customer "
+                               f"limit {limit}",))
+        return None
+
+    def _mail_command(self, envelope: Envelope) -> str:
+        params = []
+        if "SIZE" in self.extensions:
+            params.append(f"SIZE={envelope.size}")
+        if _needs_8bit(envelope):
+            params.append("BODY=8BITMIME")
+        if _needs_smtputf8(envelope):
+            params.append("SMTPUTF8")
+        return " ".join([f"MAIL FROM:<{envelope.sender}>", *params])
+
+    async def _transaction(self, envelope: Envelope, recipients: list[str]) -> dict[str, Reply]:
+        timeout = self.timeouts.command
+        envelope_lines = [self._mail_command(envelope)]
+        envelope_lines += [f"RCPT TO:<{r}>" for r in recipients]
+        if "PIPELINING" in self.extensions:
+            # RFC 2920: MAIL, every RCPT and DATA in one group.
+            await self._send(*envelope_lines, "DATA")
+            mail_reply = await read_reply(self.reader, timeout)
+            rcpt_replies = [await read_reply(self.reader, timeout) for _ in recipients]
+            data_reply = await read_reply(self.reader, self.timeouts.data_start)
+        else:
+            mail_reply = await self._command(envelope_lines[0], timeout)
+            rcpt_replies = []
+            data_reply = Reply(503, ("5.5.1 no valid recipients (not sent)",))
+            if mail_reply.kind == 2:
+                for line in envelope_lines[1:]:
+                    rcpt_replies.append(await self._command(line, timeout))
+                if any(r.kind == 2 for r in rcpt_replies):
+                    data_reply = await self._command("DATA", self.timeouts.data_start)
+        if mail_reply.kind != 2:
+            if data_reply.code == 354:  # a broken server; end the transaction cleanly
+                await self._send(".")
+                await read_reply(self.reader, self.timeouts.data_end)
+            await self._command("RSET", timeout)
+            return dict.fromkeys(recipients, mail_reply)
+        results = dict(zip(recipients, rcpt_replies, strict=True))
+        accepted = [r for r in recipients if results[r].kind == 2]
+        if data_reply.code != 354:
+            if accepted:
+                results.update(dict.fromkeys(accepted, data_reply))
+            await self._command("RSET", timeout)
+            return results
+        if not accepted:  # 354 with no recipient: send an empty message's end
+            await self._send(".")
+            await read_reply(self.reader, self.timeouts.data_end)
+            return results
+        await self._send_body(envelope)
+        final = await read_reply(self.reader, self.timeouts.data_end)
+        results.update(dict.fromkeys(accepted, final))
+        return results
+
+    async def _send_body(self, envelope: Envelope) -> None:
+        with self.spool.open_body(envelope.qid) as (body, _):
+            for piece in dot_stuff(_chunks(body)):
+                self.writer.write(piece)
+                await self.writer.drain()
+
+
+def _chunks(body: Readable) -> Iterator[bytes]:
+    while chunk := body.read(BODY_CHUNK):
+        yield chunk

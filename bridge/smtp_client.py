@@ -1,0 +1,119 @@
+"""A minimal ESMTP client over an existing stream (the reversed ODMR session).
+
+After ``ATRN`` the TCP connection the customer opened carries SMTP the other
+way round, so no library client can be pointed at it: this module speaks the
+client side of RFC 5321 on an ``asyncio`` reader/writer pair.  Pure helpers
+(reply parsing, dot-stuffing) are separate so they are tested without sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from collections.abc import Iterable, Iterator
+
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+MAX_REPLY_LINES = 100
+
+
+class ProtocolError(Exception):
+    """The peer broke the SMTP reply syntax; the session cannot go on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+    @property
+    def kind(self) -> int:
+        return self.code // 100
+
+    @property
+    def dsn(self) -> str:
+        """The enhanced status code (RFC 3463), or one derived from the reply class."""
+        first = self.lines[0].split(" ", 1)[0] if self.lines else ""
+        if _ENHANCED.match(first) and first[0] == str(self.kind):
+            return first
+        return f"{self.kind}.0.0"
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".strip()
+
+
+def parse_reply_line(raw: bytes) -> tuple[int, bool, str]:
+    """``b"250-PIPELINING\\r\\n"`` -> (250, more_follows, "PIPELINING")."""
+    line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+    if len(line) < 3 or not line[:3].isdigit() or line[0] not in "12345":
+        raise ProtocolError(f"bad reply line {line[:80]!r}")
+    if len(line) > 3 and line[3] not in " -":
+        raise ProtocolError(f"bad reply line {line[:80]!r}")
+    return int(line[:3]), line[3:4] == "-", line[4:]
+
+
+async def read_reply(reader: asyncio.StreamReader, timeout: float) -> Reply:
+    lines: list[str] = []
+    code = 0
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                raw = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:
+                raise ConnectionResetError("connection closed by customer") from exc
+            except asyncio.LimitOverrunError as exc:
+                raise ProtocolError("reply line too long") from exc
+            this_code, more, text = parse_reply_line(raw)
+            if code and this_code != code:
+                raise ProtocolError("multi-line reply changed its code")
+            code = this_code
+            lines.append(text)
+            if not more:
+                return Reply(code, tuple(lines))
+            if len(lines) > MAX_REPLY_LINES:
+                raise ProtocolError("reply has too many lines")
+
+
+def dot_stuff(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Transparency (RFC 5321 4.5.2) for a CRLF body, chunk by chunk, plus the end.
+
+    Every line that starts with "." gets a second "."; a body not ending in
+    CRLF gets one; then the terminating ".\\r\\n".
+    """
+    # The last two bytes sent; the body starts at a line start, as after CRLF.
+    tail = b"\r\n"
+    for chunk in chunks:
+        if not chunk:
+            continue
+        # Stuff with the previous tail in front, so a CRLF split across chunks
+        # is seen; the replacement only ever inserts after the tail's bytes.
+        joined = tail + chunk
+        yield joined.replace(b"\r\n.", b"\r\n..")[len(tail):]
+        tail = joined[-2:]
+    yield b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n"
+
+
+@dataclasses.dataclass
+class Extensions:
+    """What the server's EHLO reply offers."""
+
+    names: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_ehlo(cls, reply: Reply) -> Extensions:
+        names: dict[str, str] = {}
+        for line in reply.lines[1:]:
+            keyword, _, params = line.partition(" ")
+            names[keyword.upper()] = params
+        return cls(names)
+
+    def __contains__(self, name: str) -> bool:
+        return name.upper() in self.names
+
+    def size_limit(self) -> int | None:
+        value = self.names.get("SIZE", "")
+        return int(value) if value.isdigit() and int(value) > 0 else None
