@@ -117,6 +117,7 @@ class OdmrServer(SMTP):
         self.context = context
         self.__ident__ = "ODMR service ready"
         self.user: str | None = None
+        self._atrn_task: asyncio.Task[None] | None = None
 
     # -- connection ------------------------------------------------------------
 
@@ -212,7 +213,11 @@ class OdmrServer(SMTP):
                         ",".join(refused) or "(none)")
             await self.push(replies.ATRN_REFUSED)
             return
-        await self._atrn(domains)
+        # aiosmtpd cancels the command coroutine as soon as the peer closes;
+        # the ATRN work (settling outcomes, releasing leases) must finish
+        # anyway, so it runs as its own task that the cancellation cannot reach.
+        self._atrn_task = asyncio.create_task(self._atrn(domains))
+        await asyncio.shield(self._atrn_task)
 
     async def _atrn(self, domains: list[str]) -> None:
         queue = self.context.queue

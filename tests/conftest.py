@@ -1,0 +1,76 @@
+"""Fixtures: a real redis-server per test session (flushed per test), the bridge, peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from bridge.index import Index
+from bridge.queue import HoldQueue
+from bridge.spool import Spool
+from tests.peers import Bridge, RedisServer
+
+CUSTOMER = ("cust", "s3cret-Pa55")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.ensure()
+    return s
+
+
+@pytest.fixture
+async def index(redis_url: str) -> AsyncIterator[Index]:
+    client = aioredis.from_url(redis_url)
+    yield Index(client)
+    await client.aclose()
+
+
+@pytest.fixture
+def queue(spool: Spool, index: Index) -> HoldQueue:
+    return HoldQueue(spool, index)
+
+
+@pytest.fixture
+def bridge(tmp_path: Path, redis_url: str) -> Iterator[Bridge]:
+    """A running bridge; atrn.example and second.example belong to CUSTOMER."""
+    b = Bridge(tmp_path / "bridge", redis_url)
+    b.directory.mkdir(parents=True)
+    b.add_domain("atrn.example", *CUSTOMER)
+    b.cli("domain", "set", "atrn.example", "--add-user", "other", stdin="other-pass\n")
+    b.add_domain("second.example", *CUSTOMER)
+    b.add_domain("foreign.example", "stranger", "stranger-pass")
+    b.start()
+    yield b
+    b.stop()
+
+
+def need(*programs: str) -> None:
+    """Real peers are Debian packages; scripts/test installs them and sets
+    ODMR_BRIDGE_REQUIRE_PEERS=1, so there a missing one fails instead of skipping."""
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        message = f"not installed: {', '.join(missing)} (scripts/test installs them)"
+        if os.environ.get("ODMR_BRIDGE_REQUIRE_PEERS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)

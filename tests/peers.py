@@ -1,0 +1,267 @@
+"""Real peers for tests and benchmarks: redis-server, the bridge, Postfix, fetchmail, a sink.
+
+Each is a real process or server on loopback, started in a temp directory
+and stopped afterwards; nothing here is a mock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what or predicate}")
+
+
+def port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
+class RedisServer:
+    """A private redis-server on a unix socket."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.socket = directory / "redis.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(unix_socket_path=str(self.socket))
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", "0", "--unixsocket", str(self.socket),
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for(self._ping, what="redis-server")
+
+    def _ping(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def restart_empty(self) -> None:
+        self.stop()
+        self.start()
+
+
+class Bridge:
+    """``odmr-bridge serve`` as a subprocess with its own spool and ports."""
+
+    def __init__(self, directory: Path, redis_url: str, hostname: str = "provider.test",
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.directory = directory
+        self.lmtp_port = free_port()
+        self.odmr_port = free_port()
+        self.accounts = directory / "customers.json"
+        self.spool = directory / "spool"
+        self.log = directory / "bridge.log"
+        self.env = {
+            **os.environ,
+            "ODMR_BRIDGE_REDIS_URL": redis_url,
+            "ODMR_BRIDGE_SPOOL_DIR": str(self.spool),
+            "ODMR_BRIDGE_ACCOUNTS_FILE": str(self.accounts),
+            "ODMR_BRIDGE_LMTP_LISTEN": f"127.0.0.1:{self.lmtp_port}",
+            "ODMR_BRIDGE_ODMR_LISTEN": f"127.0.0.1:{self.odmr_port}",
+            "ODMR_BRIDGE_ODMR_HOSTNAME": hostname,
+            **(extra_env or {}),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "bridge", *args], input=stdin, env=self.env,
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"odmr-bridge {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def add_domain(self, domain: str, user: str, password: str) -> None:
+        self.cli("domain", "add", domain, "--user", user, stdin=password + "\n")
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._log_handle = open(self.log, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen([sys.executable, "-m", "bridge", "serve"], env=self.env,
+                                        stdout=self._log_handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        wait_for(lambda: self._check_alive() and port_open(self.lmtp_port)
+                 and port_open(self.odmr_port), what="the bridge to listen")
+
+    def _check_alive(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"bridge exited {self.process.returncode}: {self.log.read_text()}")
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process is None:
+            return 0
+        self.process.send_signal(sig)
+        code = self.process.wait(40)
+        self.process = None
+        self._log_handle.close()
+        return code
+
+    def held(self, domain: str | None = None) -> list[dict]:  # type: ignore[type-arg]
+        import json
+        args = ["queue", "list", "--json"] + ([domain] if domain else [])
+        return json.loads(self.cli(*args).stdout)  # type: ignore[no-any-return]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class SinkHandler:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self.lock:
+            self.messages.append((envelope.mail_from or "", list(envelope.rcpt_tos),
+                                  envelope.original_content or b""))
+        return "250 2.0.0 Ok: stored"
+
+
+@contextlib.contextmanager
+def smtp_sink(handler: object | None = None) -> Iterator[tuple[int, SinkHandler]]:
+    """The customer's own MTA: a real SMTP server (aiosmtpd) that keeps what it gets."""
+    sink = handler if handler is not None else SinkHandler()
+    port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port, enable_SMTPUTF8=True)
+    controller.start()
+    try:
+        yield port, sink  # type: ignore[misc]
+    finally:
+        controller.stop()
+
+
+def fetchmail(directory: Path, odmr_port: int, user: str, password: str,
+              domains: list[str] | None, smtp_port: int, *, ssl: bool = False,
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run fetchmail once in ODMR mode, relaying into smtp_port; returns the result."""
+    rc = directory / f"fetchmailrc-{user}-{time.monotonic_ns()}"
+    lines = [
+        "set no syslog",
+        f"poll 127.0.0.1 service {odmr_port} protocol ODMR",
+        f'    user "{user}" password "{password}"',
+    ]
+    if domains:
+        lines.append(f"    fetchdomains {','.join(domains)}")
+    lines.append(f"    smtphost 127.0.0.1/{smtp_port}")
+    if ssl:
+        lines.append("    ssl sslcertck no")
+    rc.write_text("\n".join(lines) + "\n")
+    rc.chmod(0o600)
+    env = {**os.environ, "HOME": str(directory), "FETCHMAILHOME": str(directory)}
+    return subprocess.run(["fetchmail", "-f", str(rc), "-v", "--nodetach", "--nosyslog",
+                           "--pidfile", str(directory / "fetchmail.pid")],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class Postfix:
+    """A throwaway Postfix instance (the recipe in odmr-facts.md)."""
+
+    def __init__(self, directory: Path, relay_domains: list[str],
+                 transport: dict[str, str]) -> None:
+        self.directory = directory
+        self.etc = directory / "etc"
+        self.smtp_port = free_port()
+        self.relay_domains = relay_domains
+        self.transport = transport
+
+    def postconf(self, *args: str) -> None:
+        subprocess.run(["postconf", "-c", str(self.etc), *args], check=True,
+                       capture_output=True)
+
+    def start(self) -> None:
+        d = self.directory
+        if self.etc.exists():
+            shutil.rmtree(self.etc)
+        shutil.copytree("/etc/postfix", self.etc)
+        (self.etc / "main.cf").write_text("compatibility_level = 3.6\n")
+        (self.etc / "transport").write_text(
+            "".join(f"{k} {v}\n" for k, v in self.transport.items()))
+        for sub in ("spool", "data"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        shutil.chown(d / "data", "postfix")
+        self.postconf(
+            "-e", f"queue_directory={d}/spool", f"data_directory={d}/data",
+            "myhostname=mx.test", "inet_interfaces=127.0.0.1", "inet_protocols=ipv4",
+            "mydestination=", f"relay_domains={','.join(self.relay_domains)}",
+            "mynetworks=127.0.0.0/8", f"transport_maps=hash:{self.etc}/transport",
+            f"maillog_file_prefixes=/var,/dev/stdout,{d}", f"maillog_file={d}/maillog",
+            "alias_maps=", "alias_database=", "local_recipient_maps=",
+            "smtpd_relay_restrictions=permit_mynetworks,reject",
+            "default_destination_concurrency_limit=20",
+        )
+        self.postconf("-M#", "smtp/inet")
+        self.postconf("-Me", f"127.0.0.1:{self.smtp_port}/inet=127.0.0.1:{self.smtp_port} "
+                             "inet n - n - - smtpd")
+        self.postconf("-Me", "odmr/unix=odmr unix - - n - - lmtp")
+        self.postconf("-F", "*/*/chroot = n")
+        subprocess.run(["postmap", "-c", str(self.etc), str(self.etc / "transport")],
+                       check=True)
+        subprocess.run(["postfix", "-c", str(self.etc), "start"], check=True,
+                       capture_output=True)
+        wait_for(lambda: port_open(self.smtp_port), what="postfix smtpd")
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.etc), "stop"], capture_output=True)
+        # master exits asynchronously; wait so the next instance can bind.
+        pid_file = self.directory / "spool" / "pid" / "master.pid"
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: not pid_file.exists(), timeout=10, what="postfix to stop")
+
+    def queue_size(self) -> int:
+        out = subprocess.run(["postqueue", "-c", str(self.etc), "-j"], capture_output=True,
+                             text=True).stdout
+        return len([line for line in out.splitlines() if line.strip()])
+
+    def flush(self) -> None:
+        subprocess.run(["postqueue", "-c", str(self.etc), "-f"], capture_output=True)
+
+    def maillog(self) -> str:
+        path = self.directory / "maillog"
+        return path.read_text(errors="replace") if path.exists() else ""
