@@ -70,7 +70,9 @@ class IntakeHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return replies.RCPT_OK
 
-    async def handle_DATA(self, server: LMTP, session: Session, envelope: SmtpEnvelope) -> str:
+    async def handle_DATA(self, server: IntakeServer, session: Session,
+                          envelope: SmtpEnvelope) -> str:
+        server.replying_per_recipient()
         by_domain: dict[str, list[Recipient]] = defaultdict(list)
         for address in envelope.rcpt_tos:
             domain = recipient_domain(address)
@@ -100,7 +102,35 @@ class IntakeHandler:
 
 
 class IntakeServer(LMTP):
-    """aiosmtpd's LMTP with the bridge's limits; one instance per connection."""
+    """aiosmtpd's LMTP with the bridge's limits; one instance per connection.
+
+    aiosmtpd itself ends some DATA phases with one error reply (message too
+    big, line too long).  LMTP needs that reply once per accepted recipient,
+    so after ``354`` a 4xx/5xx reply is repeated for each of them.  The
+    handler's own per-recipient replies switch this off first.
+    """
 
     def __init__(self, handler: IntakeHandler, **kwargs: Any) -> None:
         super().__init__(handler, enable_SMTPUTF8=True, **kwargs)
+        self._recipients_in_data = 0
+        self._fan_out = 0
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._recipients_in_data = len(self.envelope.rcpt_tos) if self.envelope else 0
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._recipients_in_data = self._fan_out = 0
+
+    def replying_per_recipient(self) -> None:
+        self._fan_out = 0
+
+    async def push(self, status: str | bytes) -> None:
+        text = status if isinstance(status, str) else status.decode("utf-8", "replace")
+        if text.startswith("354"):
+            self._fan_out = self._recipients_in_data
+        elif self._fan_out and text[:1] in "45":
+            repeats, self._fan_out = self._fan_out - 1, 0
+            for _ in range(repeats):
+                await super().push(status)
+        await super().push(status)

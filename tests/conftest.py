@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from bridge.accounts import AccountsFile
 from bridge.index import Index
 from bridge.queue import HoldQueue
 from bridge.spool import Spool
@@ -55,11 +56,11 @@ def queue(spool: Spool, index: Index) -> HoldQueue:
 def bridge(tmp_path: Path, redis_url: str) -> Iterator[Bridge]:
     """A running bridge; atrn.example and second.example belong to CUSTOMER."""
     b = Bridge(tmp_path / "bridge", redis_url)
-    b.directory.mkdir(parents=True)
-    b.add_domain("atrn.example", *CUSTOMER)
-    b.cli("domain", "set", "atrn.example", "--add-user", "other", stdin="other-pass\n")
-    b.add_domain("second.example", *CUSTOMER)
-    b.add_domain("foreign.example", "stranger", "stranger-pass")
+    store = AccountsFile(b.accounts)
+    store.add_domain("atrn.example", [CUSTOMER[0], "other"],
+                     {CUSTOMER[0]: CUSTOMER[1].encode(), "other": b"other-pass"})
+    store.add_domain("second.example", [CUSTOMER[0]], {})
+    store.add_domain("foreign.example", ["stranger"], {"stranger": b"stranger-pass"})
     b.start()
     yield b
     b.stop()

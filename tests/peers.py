@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -110,7 +111,8 @@ class Bridge:
         }
         self.process: subprocess.Popen[bytes] | None = None
 
-    def cli(self, *args: str, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, stdin: str = "",
+            check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([sys.executable, "-m", "bridge", *args], input=stdin, env=self.env,
                                 capture_output=True, text=True, cwd=ROOT, timeout=60)
         if check and result.returncode != 0:
@@ -203,10 +205,12 @@ def fetchmail(directory: Path, odmr_port: int, user: str, password: str,
 class Postfix:
     """A throwaway Postfix instance (the recipe in odmr-facts.md)."""
 
-    def __init__(self, directory: Path, relay_domains: list[str],
-                 transport: dict[str, str]) -> None:
-        self.directory = directory
-        self.etc = directory / "etc"
+    def __init__(self, relay_domains: list[str], transport: dict[str, str]) -> None:
+        # Postfix's daemons run as user postfix and must reach data_directory,
+        # which pytest's 0700 temp dirs do not allow: use a world-traversable one.
+        self.directory = Path(tempfile.mkdtemp(prefix="odmr-postfix-"))
+        self.directory.chmod(0o755)
+        self.etc = self.directory / "etc"
         self.smtp_port = free_port()
         self.relay_domains = relay_domains
         self.transport = transport
@@ -250,9 +254,11 @@ class Postfix:
     def stop(self) -> None:
         subprocess.run(["postfix", "-c", str(self.etc), "stop"], capture_output=True)
         # master exits asynchronously; wait so the next instance can bind.
-        pid_file = self.directory / "spool" / "pid" / "master.pid"
         with contextlib.suppress(TimeoutError):
-            wait_for(lambda: not pid_file.exists(), timeout=10, what="postfix to stop")
+            wait_for(lambda: subprocess.run(["postfix", "-c", str(self.etc), "status"],
+                                            capture_output=True).returncode != 0,
+                     timeout=10, interval=0.1, what="postfix to stop")
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def queue_size(self) -> int:
         out = subprocess.run(["postqueue", "-c", str(self.etc), "-j"], capture_output=True,

@@ -23,7 +23,7 @@ def held_ids(bridge: Bridge, domain: str) -> list[str]:
 
 def test_ehlo_lists_auth_cram_md5_and_atrn(bridge: Bridge) -> None:
     w = Wire(bridge.odmr_port)
-    code, greeting = w.reply()
+    code, _greeting = w.reply()
     assert code == 220
     code, lines = w.command("EHLO shortname")  # fetchmail sends a short name
     assert code == 250

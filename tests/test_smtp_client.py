@@ -23,7 +23,8 @@ lines = st.lists(st.sampled_from([b"", b".", b"..", b".x", b"a.b", b"\xe9t\xe9",
 
 
 @given(parts=lines, cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=6))
-def test_dot_stuffing_round_trips_whatever_the_chunking(parts: list[bytes], cuts: list[int]) -> None:
+def test_dot_stuffing_round_trips_whatever_the_chunking(parts: list[bytes],
+                                                        cuts: list[int]) -> None:
     body = b"".join(p + b"\r\n" for p in parts)
     positions = sorted({min(c, len(body)) for c in cuts})
     chunks = [body[a:b] for a, b in zip([0, *positions], [*positions, len(body)], strict=True)]

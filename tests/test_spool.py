@@ -22,7 +22,8 @@ from bridge.spool import (
 BODY = b"Subject: hi\r\n\r\n.leading dot\r\n\xe9t\xe9 8-bit\r\n"
 
 
-def envelope(domain: str = "atrn.example", rcpts: tuple[str, ...] = ("a@atrn.example",)) -> Envelope:
+def envelope(domain: str = "atrn.example",
+             rcpts: tuple[str, ...] = ("a@atrn.example",)) -> Envelope:
     return Envelope(qid=new_qid(), domain=domain, sender="s@x.test", arrival=1.5,
                     size=len(BODY), recipients=[Recipient(r) for r in rcpts],
                     mail_options=["BODY=8BITMIME"])
