@@ -125,8 +125,8 @@ class IntakeServer(LMTP):
     def replying_per_recipient(self) -> None:
         self._fan_out = 0
 
-    async def push(self, status: str | bytes) -> None:
-        text = status if isinstance(status, str) else status.decode("utf-8", "replace")
+    async def push(self, status: Any) -> None:
+        text = status if isinstance(status, str) else bytes(status).decode("utf-8", "replace")
         if text.startswith("354"):
             self._fan_out = self._recipients_in_data
         elif self._fan_out and text[:1] in "45":
