@@ -68,10 +68,10 @@ def bridge(tmp_path: Path, redis_url: str) -> Iterator[Bridge]:
 
 def need(*programs: str) -> None:
     """Real peers are Debian packages; scripts/test installs them and sets
-    ODMR_BRIDGE_REQUIRE_PEERS=1, so there a missing one fails instead of skipping."""
+    ODMR_TESTS_REQUIRE_PEERS=1, so there a missing one fails instead of skipping."""
     missing = [p for p in programs if shutil.which(p) is None]
     if missing:
         message = f"not installed: {', '.join(missing)} (scripts/test installs them)"
-        if os.environ.get("ODMR_BRIDGE_REQUIRE_PEERS") == "1":
+        if os.environ.get("ODMR_TESTS_REQUIRE_PEERS") == "1":
             pytest.fail(message)
         pytest.skip(message)
