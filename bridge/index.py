@@ -55,11 +55,10 @@ class Index:
     async def add(self, envelope: Envelope) -> bool:
         d = envelope.domain
         added = await self._add(
-            keys=[keys.deferred(d), keys.message(d, envelope.qid), keys.stats(d)],
+            keys=[keys.deferred(d), keys.message(d, envelope.qid), keys.stats(d), keys.DOMAINS],
             args=[envelope.qid, repr(envelope.arrival), envelope.size, envelope.sender,
-                  _recipients_json(envelope)],
+                  _recipients_json(envelope), d],
         )
-        await self.redis.sadd(keys.DOMAINS, d)
         return bool(added)
 
     async def update_recipients(self, envelope: Envelope) -> None:

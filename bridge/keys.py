@@ -1,7 +1,10 @@
 """Every Redis key name the bridge uses, built in one place.
 
 The hash tag ``{domain}`` keeps all keys of one domain in one cluster slot,
-so each per-domain state change can be one MULTI/EXEC or Lua script.
+so each per-domain state change can be one MULTI/EXEC or Lua script.  The one
+global key, ``bridge:domains``, is updated inside the same script as a
+message's indexing, so Redis Cluster is not supported (a single Redis, or
+Sentinel, is).
 
     bridge:domains                 SET   domains that have (or had) held mail
     bridge:{d}:deferred            ZSET  qid -> arrival (unix seconds)
