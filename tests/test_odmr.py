@@ -109,7 +109,7 @@ class CustomerMta:
 
     def run(self) -> list[tuple[str, list[str], bytes]]:
         self.reply("220 customer.test ESMTP")
-        sender, rcpts = "", []
+        sender, rcpts = "", list[str]()
         while True:
             line = self.w.read_line().decode().rstrip("\r\n")
             verb = line.split(" ", 1)[0].upper()
