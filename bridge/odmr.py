@@ -154,26 +154,12 @@ class OdmrServer(SMTP):
             await self.push(f"250-{line}")
         await self.push(f"250 {lines[-1]}")
 
-    async def smtp_HELO(self, arg: str) -> None:
+    async def _refuse_before_atrn(self, arg: str) -> None:
         await self.push(replies.ODMR_COMMAND_REFUSED)
 
-    async def smtp_MAIL(self, arg: str) -> None:
-        await self.push(replies.ODMR_COMMAND_REFUSED)
-
-    async def smtp_RCPT(self, arg: str) -> None:
-        await self.push(replies.ODMR_COMMAND_REFUSED)
-
-    async def smtp_DATA(self, arg: str) -> None:
-        await self.push(replies.ODMR_COMMAND_REFUSED)
-
-    async def smtp_VRFY(self, arg: str) -> None:
-        await self.push(replies.ODMR_COMMAND_REFUSED)
-
-    async def smtp_EXPN(self, arg: str) -> None:
-        await self.push(replies.ODMR_COMMAND_REFUSED)
-
-    async def smtp_HELP(self, arg: str) -> None:
-        await self.push(replies.ODMR_COMMAND_REFUSED)
+    # RFC 2645: before the reversal only EHLO, AUTH, ATRN, QUIT (and RSET, NOOP).
+    smtp_HELO = smtp_MAIL = smtp_RCPT = smtp_DATA = _refuse_before_atrn
+    smtp_VRFY = smtp_EXPN = smtp_HELP = _refuse_before_atrn
 
     async def auth_CRAM__MD5(self, _: object, args: list[str]) -> AuthResult:
         if len(args) > 1:  # CRAM-MD5 has no initial response (RFC 4954)
