@@ -4,7 +4,8 @@ Kept in one JSON file the operator can back up (mode 0600; it holds
 password-equivalent CRAM-MD5 state, never a plaintext password):
 
     {"version": 1,
-     "users":   {"cust": {"cram-md5": "{CRAM-MD5}<hex>"}},
+     "users":   {"cust": {"cram-md5": "{CRAM-MD5}<hex>",
+                          "scram-sha-256": "{SCRAM-SHA-256}<i>$<salt>$<stored>$<server>"}},
      "domains": {"atrn.example": {"users": ["cust"]}}}
 
 A user may collect several domains; a domain may have several users.
@@ -20,12 +21,12 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from bridge import cram
+from bridge import sasl
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _USER = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
@@ -104,6 +105,9 @@ class Accounts:
     def credential(self, user: str, scheme: str) -> str | None:
         return self.users.get(user, {}).get(scheme)
 
+    def credentials(self, user: str) -> Mapping[str, str] | None:
+        return self.users.get(user)
+
 
 class AccountsFile:
     """Locked, durable read-modify-write of the accounts file (CLI side)."""
@@ -156,8 +160,8 @@ class AccountsFile:
         domain: str,
         *,
         users: list[str] | None = None,
-        add_users: list[str] = (),  # type: ignore[assignment]
-        remove_users: list[str] = (),  # type: ignore[assignment]
+        add_users: Sequence[str] = (),
+        remove_users: Sequence[str] = (),
         passwords: Mapping[str, bytes] | None = None,
     ) -> None:
         """Modify an existing ATRN domain's users and/or their passwords."""
@@ -196,7 +200,7 @@ class AccountsFile:
             if user in passwords:
                 if not passwords[user]:
                     raise AccountsError(f"user {user}: empty password")
-                new_users[user] = {"cram-md5": cram.derive(passwords[user])}
+                new_users[user] = sasl.derive_credentials(passwords[user])
             elif user not in new_users:
                 raise AccountsError(f"user {user} is new and needs a password")
         domains = dict(current.domains)

@@ -47,7 +47,11 @@ class LmtpSettings:
 @dataclasses.dataclass(frozen=True)
 class OdmrSettings:
     listen: str = "0.0.0.0:366"
+    # A second listener speaking TLS from the first byte (fetchmail's "ssl"); empty: none.
+    tls_listen: str = ""
     hostname: str = ""
+    # Error replies a client may provoke before it is disconnected (421).
+    max_bad_commands: int = 10
     # How long one ATRN session may hold a domain without renewing its lease.
     lease_seconds: float = 60.0
     # Idle time allowed before ATRN, and per step of the reversed session.
@@ -55,6 +59,25 @@ class OdmrSettings:
     reply_timeout: float = 300.0
     data_timeout: float = 600.0
     shutdown_grace: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsSettings:
+    # PEM files; both empty: no STARTTLS and no TLS listener. Reloaded on change.
+    cert_file: str = ""
+    key_file: str = ""
+    # Refuse AUTH and ATRN over a connection without TLS (530 5.7.0).
+    require_tls: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthSettings:
+    # After max_failures failed AUTHs within failure_window seconds, from one
+    # client address or for one user name, AUTH answers 454 4.7.0 after
+    # failure_delay seconds. Counters live in Redis, shared by all instances.
+    max_failures: int = 5
+    failure_window: float = 300.0
+    failure_delay: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +97,15 @@ class Settings:
     spool: SpoolSettings = SpoolSettings()
     lmtp: LmtpSettings = LmtpSettings()
     odmr: OdmrSettings = OdmrSettings()
+    tls: TlsSettings = TlsSettings()
+    auth: AuthSettings = AuthSettings()
     accounts: AccountsSettings = AccountsSettings()
     log: LogSettings = LogSettings()
 
 
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
+_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+                  "false": False, "no": False, "off": False, "0": False}
 
 
 def _coerce(name: str, kind: type, value: Any, from_env: bool) -> Any:
@@ -86,6 +113,11 @@ def _coerce(name: str, kind: type, value: Any, from_env: bool) -> Any:
     if kind is str:
         if isinstance(value, str):
             return value
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and value.lower() in _BOOLEAN_WORDS:
+            return _BOOLEAN_WORDS[value.lower()]
     elif kind is int:
         if from_env:
             try:
@@ -106,7 +138,7 @@ def _coerce(name: str, kind: type, value: Any, from_env: bool) -> Any:
 
 
 def _section_types(section_cls: type) -> dict[str, type]:
-    hints = {"str": str, "int": int, "float": float}
+    hints = {"str": str, "int": int, "float": float, "bool": bool}
     return {f.name: hints[str(f.type)] for f in dataclasses.fields(section_cls)}
 
 
@@ -115,16 +147,26 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(
             f"log.level: expected one of {sorted(_LOG_LEVELS)}, got {settings.log.level!r}"
         )
-    for name, value in (("lmtp.listen", settings.lmtp.listen),
-                        ("odmr.listen", settings.odmr.listen)):
+    listeners = [("lmtp.listen", settings.lmtp.listen), ("odmr.listen", settings.odmr.listen)]
+    if settings.odmr.tls_listen:
+        listeners.append(("odmr.tls_listen", settings.odmr.tls_listen))
+    for name, value in listeners:
         try:
             parse_listen(value)
         except ValueError as exc:
             raise ConfigError(f"{name}: {exc}") from None
     for name, number in (("lmtp.max_message_size", settings.lmtp.max_message_size),
-                         ("odmr.lease_seconds", settings.odmr.lease_seconds)):
+                         ("odmr.lease_seconds", settings.odmr.lease_seconds),
+                         ("odmr.max_bad_commands", settings.odmr.max_bad_commands),
+                         ("auth.max_failures", settings.auth.max_failures),
+                         ("auth.failure_window", settings.auth.failure_window)):
         if number <= 0:
             raise ConfigError(f"{name}: must be positive, got {number!r}")
+    tls = settings.tls
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError("tls.cert_file and tls.key_file: set both or neither")
+    if (tls.require_tls or settings.odmr.tls_listen) and not tls.cert_file:
+        raise ConfigError("tls.cert_file: needed by tls.require_tls / odmr.tls_listen")
 
 
 def build(file_data: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:

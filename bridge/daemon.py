@@ -15,6 +15,7 @@ import socket
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from ssl import SSLContext
 
 import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP
@@ -28,6 +29,8 @@ from bridge.odmr import OdmrContext, OdmrServer
 from bridge.queue import HoldQueue
 from bridge.relay import Timeouts
 from bridge.spool import Spool
+from bridge.throttle import AuthThrottle, ThrottlePolicy
+from bridge.tls import CertificateReloader, server_context
 from bridge.watch import Reloading
 
 log = logging.getLogger("bridge.daemon")
@@ -42,14 +45,16 @@ def hostname(settings: Settings) -> str:
     return settings.odmr.hostname or socket.getfqdn()
 
 
-async def listen(factory: Callable[[], SMTP], where: str) -> asyncio.Server:
+async def listen(factory: Callable[[], SMTP], where: str,
+                 ssl: SSLContext | None = None) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     target = parse_listen(where)
     if isinstance(target, str):
         Path(target).unlink(missing_ok=True)
-        return await loop.create_unix_server(factory, target)
+        return await loop.create_unix_server(factory, target, ssl=ssl)
     host, port = target
-    return await loop.create_server(factory, host, port, reuse_address=True)
+    return await loop.create_server(factory, host, port, reuse_address=True, ssl=ssl,
+                                    backlog=1024)
 
 
 class Daemon:
@@ -100,14 +105,20 @@ class Daemon:
         settings = self.settings
         name = hostname(settings)
         intake = IntakeHandler(queue, accounts)
+        tls_context = server_context(settings.tls)
         odmr = OdmrContext(
             queue=queue, accounts=accounts, hostname=name,
+            throttle=AuthThrottle(queue.index.redis, ThrottlePolicy(
+                settings.auth.max_failures, settings.auth.failure_window,
+                settings.auth.failure_delay)),
             lease_seconds=settings.odmr.lease_seconds,
             command_timeout=settings.odmr.command_timeout,
             timeouts=Timeouts(greeting=settings.odmr.reply_timeout,
                               command=settings.odmr.reply_timeout,
                               data_start=settings.odmr.reply_timeout,
                               data_end=settings.odmr.data_timeout),
+            tls_context=tls_context, require_tls=settings.tls.require_tls,
+            max_bad_commands=settings.odmr.max_bad_commands,
         )
         self.servers = [
             await listen(self._tracked(lambda: IntakeServer(
@@ -115,11 +126,21 @@ class Daemon:
                 timeout=settings.lmtp.timeout)), settings.lmtp.listen),
             await listen(self._tracked(lambda: OdmrServer(odmr)), settings.odmr.listen),
         ]
-        log.info("listening: lmtp %s, odmr %s", settings.lmtp.listen, settings.odmr.listen)
+        if settings.odmr.tls_listen:
+            self.servers.append(await listen(
+                self._tracked(lambda: OdmrServer(odmr, tls_on_connect=True)),
+                settings.odmr.tls_listen, ssl=tls_context))
+        certificates = CertificateReloader(tls_context, settings.tls) if tls_context else None
+        if certificates is not None:
+            certificates.start()
+        log.info("listening: lmtp %s, odmr %s%s", settings.lmtp.listen, settings.odmr.listen,
+                 f", odmr+tls {settings.odmr.tls_listen}" if settings.odmr.tls_listen else "")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         await self.stopping.wait()
+        if certificates is not None:
+            certificates.stop()
         await self._shutdown()
 
     async def _shutdown(self) -> None:

@@ -20,7 +20,7 @@ from bridge import keys
 from bridge.spool import Envelope
 
 
-def _load(name: str) -> str:
+def load_script(name: str) -> str:
     return resources.files("bridge").joinpath("lua", name).read_text()
 
 
@@ -45,10 +45,10 @@ def _recipients_json(envelope: Envelope) -> str:
 class Index:
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
-        self._add: AsyncScript = client.register_script(_load("index_add.lua"))
-        self._remove: AsyncScript = client.register_script(_load("index_remove.lua"))
-        self._renew: AsyncScript = client.register_script(_load("lease_renew.lua"))
-        self._release: AsyncScript = client.register_script(_load("lease_release.lua"))
+        self._add: AsyncScript = client.register_script(load_script("index_add.lua"))
+        self._remove: AsyncScript = client.register_script(load_script("index_remove.lua"))
+        self._renew: AsyncScript = client.register_script(load_script("lease_renew.lua"))
+        self._release: AsyncScript = client.register_script(load_script("lease_release.lua"))
 
     # -- message state ---------------------------------------------------
 

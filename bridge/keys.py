@@ -11,6 +11,8 @@ Sentinel, is).
     bridge:{d}:msg:<qid>           HASH  sender, size, arrival, rcpts (JSON)
     bridge:{d}:stats               HASH  messages, bytes (held now)
     bridge:{d}:lease               STRING token of the ATRN session collecting d
+    bridge:authfail:addr:<ip>      STRING failed AUTHs from a client address (expires)
+    bridge:authfail:user:<user>    STRING failed AUTHs for a user name (expires)
 """
 
 from __future__ import annotations
@@ -41,3 +43,11 @@ def stats(domain: str) -> str:
 
 def lease(domain: str) -> str:
     return f"{_tag(domain)}:lease"
+
+
+def auth_failures_by_address(address: str) -> str:
+    return f"{PREFIX}:authfail:addr:{address}"
+
+
+def auth_failures_by_user(user: str) -> str:
+    return f"{PREFIX}:authfail:user:{user}"

@@ -1,30 +1,32 @@
-"""The ODMR provider on port 366 (RFC 2645): EHLO, AUTH, ATRN, then reversal.
+"""The ODMR provider on port 366 (RFC 2645): EHLO, STARTTLS, AUTH, ATRN, then reversal.
 
-A small subclass of aiosmtpd's SMTP: it adds ``smtp_ATRN`` and
-``auth_CRAM__MD5`` and refuses the mail-transaction verbs.  After ``250``
-the same connection is handed to :class:`bridge.relay.Relay`.
+A small subclass of aiosmtpd's SMTP: it adds ``smtp_ATRN`` (and, through
+:class:`bridge.odmr_auth.SaslMixin`, the AUTH mechanisms) and refuses the
+mail-transaction verbs.  After ``250`` the same connection, TLS included,
+is handed to :class:`bridge.relay.Relay`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import os
+import re
 import socket
-import time
+import ssl
 from collections.abc import Callable
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
+from aiosmtpd.smtp import Session
 
-from bridge import cram, replies
+from bridge import replies
 from bridge.accounts import Accounts, AccountsError, normalize_domain
-from bridge.index import Index
+from bridge.leases import LeaseKeeper
+from bridge.odmr_auth import SaslMixin
 from bridge.queue import HoldQueue
 from bridge.relay import Relay, Timeouts
 from bridge.smtp_client import ProtocolError
+from bridge.throttle import AuthThrottle
 
 log = logging.getLogger("bridge.odmr")
 
@@ -35,10 +37,14 @@ class OdmrContext:
 
     queue: HoldQueue
     accounts: Callable[[], Accounts]
+    throttle: AuthThrottle
     hostname: str
     lease_seconds: float
     command_timeout: float
     timeouts: Timeouts
+    tls_context: ssl.SSLContext | None = None
+    require_tls: bool = False
+    max_bad_commands: int = 10
 
 
 class _NoHooks:
@@ -60,64 +66,50 @@ def parse_atrn_argument(arg: str | None) -> list[str] | None:
     return domains
 
 
-class LeaseKeeper:
-    """Holds one ATRN lease per domain and renews them while the session runs."""
-
-    def __init__(self, index: Index, ttl: float) -> None:
-        self.index = index
-        self.ttl = ttl
-        self.token = index.new_token()
-        self.domains: list[str] = []
-        self.lost = False
-        self._task: asyncio.Task[None] | None = None
-
-    async def acquire(self, domains: list[str]) -> bool:
-        for domain in domains:
-            if not await self.index.acquire(domain, self.token, self.ttl):
-                await self.release()
-                return False
-            self.domains.append(domain)
-        self._task = asyncio.create_task(self._renew())
-        return True
-
-    async def _renew(self) -> None:
-        while True:
-            await asyncio.sleep(self.ttl / 3)
-            for domain in self.domains:
-                if not await self.index.renew(domain, self.token, self.ttl):
-                    log.warning("lease on %s lost; stopping delivery", domain)
-                    self.lost = True
-                    return
-
-    async def release(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for domain in self.domains:
-            with contextlib.suppress(Exception):
-                await self.index.release(domain, self.token)
-        self.domains = []
+# aiosmtpd's own replies, given enhanced status codes (RFC 3463) on the way out.
+_ENHANCED_DEFAULTS = {"221": "2.0.0", "250": "2.0.0", "500": "5.5.2", "501": "5.5.4",
+                      "502": "5.5.1", "503": "5.5.1", "504": "5.5.4"}
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}( |$)")
 
 
-class OdmrServer(SMTP):
+def with_enhanced_code(reply: str) -> str:
+    """``500 Command line too long`` -> ``500 5.5.6 Error: command line too long``."""
+    code, sep, text = reply[:3], reply[3:4], reply[4:]
+    if code == "500" and "too long" in text.lower():
+        return replies.LINE_TOO_LONG
+    if code == "500" and "not recognized" in text:
+        return replies.UNRECOGNIZED
+    default = _ENHANCED_DEFAULTS.get(code)
+    if default is None or _ENHANCED.match(text):
+        return reply
+    return f"{code}{sep or ' '}{default} {text}".rstrip()
+
+
+class OdmrServer(SaslMixin):
     """One instance per customer connection."""
 
-    def __init__(self, context: OdmrContext, **kwargs: Any) -> None:
+    def __init__(self, context: OdmrContext, *, tls_on_connect: bool = False,
+                 **kwargs: Any) -> None:
+        # Set before aiosmtpd's __init__, which inspects every attribute.
+        self.context = context
+        self.tls_on_connect = tls_on_connect
+        self.accounts = context.accounts
+        self.throttle = context.throttle
+        self.require_tls = context.require_tls
+        self.user = None
+        self._failed_user = None
+        self._errors = 0
+        self._atrn_task: asyncio.Task[None] | None = None
         super().__init__(
             _NoHooks(),
             hostname=context.hostname,
             data_size_limit=None,
             auth_require_tls=False,
-            auth_exclude_mechanism=["PLAIN", "LOGIN"],
             timeout=context.command_timeout,
+            tls_context=None if tls_on_connect else context.tls_context,
             **kwargs,
         )
-        self.context = context
         self.__ident__ = "ODMR service ready"
-        self.user: str | None = None
-        self._atrn_task: asyncio.Task[None] | None = None
 
     # -- connection ------------------------------------------------------------
 
@@ -132,11 +124,37 @@ class OdmrServer(SMTP):
         return self.session
 
     @property
+    def secure(self) -> bool:
+        return self.tls_on_connect or getattr(self, "_tls_protocol", None) is not None
+
+    def _peer(self) -> object:
+        session: Session | None = getattr(self, "session", None)
+        return session.peer if session is not None else None
+
+    @property
+    def client_address(self) -> str:
+        peer = self._peer()
+        return str(peer[0]) if isinstance(peer, tuple) else "unix"
+
+    @property
     def client(self) -> str:
-        peer = self.session.peer if self.session else None
+        peer = self._peer()
         if isinstance(peer, tuple):
             return f"[{peer[0]}]:{peer[1]}"
         return "[unix]"
+
+    async def push(self, status: Any) -> None:
+        """Every reply before the reversal passes here: enhanced codes, error cap."""
+        if isinstance(status, str):
+            status = with_enhanced_code(status)
+            if status[:1] == "5":
+                self._errors += 1
+        await super().push(status)
+        if self._errors >= self.context.max_bad_commands and self.transport is not None:
+            log.warning("%s: too many errors (%d); disconnecting", self.client, self._errors)
+            self._errors = -(10**9)  # say it once
+            await super().push(replies.TOO_MANY_ERRORS)
+            self._close()
 
     # -- verbs -----------------------------------------------------------------
 
@@ -148,11 +166,20 @@ class OdmrServer(SMTP):
         session = self._session()
         session.extended_smtp = True
         session.host_name = hostname
-        mechanisms = " ".join(sorted(self._auth_methods))
-        lines = [self.hostname, f"AUTH {mechanisms}", "ATRN", "ENHANCEDSTATUSCODES"]
+        lines = [self.hostname]
+        if self.tls_context is not None and not self.secure:
+            lines.append("STARTTLS")
+        lines += [f"AUTH {' '.join(self.mechanisms())}", "ATRN", "ENHANCEDSTATUSCODES"]
+        # Straight to aiosmtpd's push: EHLO lines carry keywords, not status codes.
         for line in lines[:-1]:
-            await self.push(f"250-{line}")
-        await self.push(f"250 {lines[-1]}")
+            await super().push(f"250-{line}")
+        await super().push(f"250 {lines[-1]}")
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.secure:
+            await self.push(replies.TLS_ALREADY)
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def _refuse_before_atrn(self, arg: str) -> None:
         await self.push(replies.ODMR_COMMAND_REFUSED)
@@ -161,27 +188,13 @@ class OdmrServer(SMTP):
     smtp_HELO = smtp_MAIL = smtp_RCPT = smtp_DATA = _refuse_before_atrn
     smtp_VRFY = smtp_EXPN = smtp_HELP = _refuse_before_atrn
 
-    async def auth_CRAM__MD5(self, _: object, args: list[str]) -> AuthResult:
-        if len(args) > 1:  # CRAM-MD5 has no initial response (RFC 4954)
-            return AuthResult(success=False, handled=False, message="501 5.5.4 Syntax error")
-        challenge = f"<{os.getpid()}.{time.time_ns()}@{self.hostname}>".encode()
-        response = await self.challenge_auth(challenge)
-        if response is MISSING:
-            return AuthResult(success=False, handled=True)
-        user, _, digest = response.decode("utf-8", "replace").rpartition(" ")
-        stored = self.context.accounts().credential(user, "cram-md5")
-        if stored is not None and cram.verify(stored, challenge, digest):
-            self.user = user
-            log.info("%s: sasl_method=CRAM-MD5, sasl_username=%s", self.client, user)
-            return AuthResult(success=True, auth_data=user)
-        log.warning("%s: SASL CRAM-MD5 authentication failed, sasl_username=%s",
-                    self.client, user[:64])
-        return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
-
     async def smtp_ATRN(self, arg: str | None) -> None:
         session = self._session()
         if not session.host_name:
             await self.push(replies.EHLO_FIRST)
+            return
+        if self.require_tls and not self.secure:
+            await self.push(replies.TLS_REQUIRED)
             return
         if not session.authenticated or self.user is None:
             await self.push(replies.AUTH_REQUIRED)
@@ -240,7 +253,8 @@ class OdmrServer(SMTP):
             self._timeout_handle.cancel()
         relay = Relay(self._reader, self._writer, self.context.queue,
                       hostname=self.hostname, peer=f"customer{self.client}",
-                      timeouts=self.context.timeouts, keep_going=lambda: not leases.lost)
+                      timeouts=self.context.timeouts, keep_going=lambda: not leases.lost,
+                      line_per_write=self.secure)
         try:
             report = await relay.drain(domains)
             log.info("%s: disconnect after ATRN: delivered=%d deferred=%d failed=%d",

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,6 +22,7 @@ from bridge.smtp_client import Extensions, Reply, dot_stuff, read_reply
 from bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Spool
 
 log = logging.getLogger("bridge.relay")
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 BODY_CHUNK = 64 * 1024
 
@@ -79,6 +81,7 @@ class Relay:
         peer: str,
         timeouts: Timeouts,
         keep_going: Callable[[], bool] = lambda: True,
+        line_per_write: bool = False,
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -88,7 +91,11 @@ class Relay:
         self.relay_name = peer
         self.timeouts = timeouts
         self.keep_going = keep_going
+        # Over TLS each line goes in its own write, hence its own TLS record:
+        # fetchmail's relay loop stalls on several lines in one record.
+        self.line_per_write = line_per_write
         self.extensions = Extensions()
+        self._socket = writer.get_extra_info("socket")
 
     # -- the dialogue --------------------------------------------------------
 
@@ -97,13 +104,21 @@ class Relay:
             self.writer.write(line.encode("utf-8") + b"\r\n")
         await self.writer.drain()
 
+    async def _reply(self, timeout: float) -> Reply:
+        # Re-arm TCP_QUICKACK before every read: a delayed ACK to the customer's
+        # reply would otherwise stall our next pipelined write (see README).
+        if _QUICKACK is not None and self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        return await read_reply(self.reader, timeout)
+
     async def _command(self, line: str, timeout: float) -> Reply:
         await self._send(line)
-        return await read_reply(self.reader, timeout)
+        return await self._reply(timeout)
 
     async def greet(self) -> bool:
         """Read the customer's 220 and introduce ourselves; False if it will not talk."""
-        greeting = await read_reply(self.reader, self.timeouts.greeting)
+        greeting = await self._reply(self.timeouts.greeting)
         if greeting.code != 220:
             log.warning("relay=%s: customer greeting: %s", self.relay_name, greeting)
             return False
@@ -195,9 +210,9 @@ class Relay:
         if "PIPELINING" in self.extensions:
             # RFC 2920: MAIL, every RCPT and DATA in one group.
             await self._send(*envelope_lines, "DATA")
-            mail_reply = await read_reply(self.reader, timeout)
-            rcpt_replies = [await read_reply(self.reader, timeout) for _ in recipients]
-            data_reply = await read_reply(self.reader, self.timeouts.data_start)
+            mail_reply = await self._reply(timeout)
+            rcpt_replies = [await self._reply(timeout) for _ in recipients]
+            data_reply = await self._reply(self.timeouts.data_start)
         else:
             mail_reply = await self._command(envelope_lines[0], timeout)
             rcpt_replies = []
@@ -210,7 +225,7 @@ class Relay:
         if mail_reply.kind != 2:
             if data_reply.code == 354:  # a broken server; end the transaction cleanly
                 await self._send(".")
-                await read_reply(self.reader, self.timeouts.data_end)
+                await self._reply(self.timeouts.data_end)
             await self._command("RSET", timeout)
             return dict.fromkeys(recipients, mail_reply)
         results = dict(zip(recipients, rcpt_replies, strict=True))
@@ -222,18 +237,33 @@ class Relay:
             return results
         if not accepted:  # 354 with no recipient: send an empty message's end
             await self._send(".")
-            await read_reply(self.reader, self.timeouts.data_end)
+            await self._reply(self.timeouts.data_end)
             return results
         await self._send_body(envelope)
-        final = await read_reply(self.reader, self.timeouts.data_end)
+        final = await self._reply(self.timeouts.data_end)
         results.update(dict.fromkeys(accepted, final))
         return results
 
     async def _send_body(self, envelope: Envelope) -> None:
         with self.spool.open_body(envelope.qid) as (body, _):
-            for piece in dot_stuff(_chunks(body)):
+            pieces = dot_stuff(_chunks(body))
+            if self.line_per_write:
+                pieces = _lines(pieces)
+            for piece in pieces:
                 self.writer.write(piece)
                 await self.writer.drain()
+
+
+def _lines(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """Re-cut a byte stream at line ends (CRLF kept with its line)."""
+    partial = b""
+    for piece in pieces:
+        lines = (partial + piece).split(b"\n")
+        partial = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if partial:
+        yield partial
 
 
 def _chunks(body: Readable) -> Iterator[bytes]:

@@ -27,7 +27,9 @@ def test_ehlo_lists_auth_cram_md5_and_atrn(bridge: Bridge) -> None:
     assert code == 220
     code, lines = w.command("EHLO shortname")  # fetchmail sends a short name
     assert code == 250
-    assert "ATRN" in lines and "AUTH CRAM-MD5" in lines
+    assert "ATRN" in lines
+    [auth] = [line for line in lines if line.startswith("AUTH ")]
+    assert "CRAM-MD5" in auth.split()[1:]
 
 
 def test_atrn_before_auth_is_530(bridge: Bridge) -> None:
