@@ -154,6 +154,16 @@ class Bridge:
         return self.log.read_text(errors="replace")
 
 
+def self_signed_certificate(directory: Path, name: str = "provider.test") -> tuple[Path, Path]:
+    """A fresh key and self-signed certificate (openssl), for the TLS tests."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 class SinkHandler:
     def __init__(self) -> None:
         self.messages: list[tuple[str, list[str], bytes]] = []
@@ -193,7 +203,7 @@ def fetchmail(directory: Path, odmr_port: int, user: str, password: str,
         lines.append(f"    fetchdomains {','.join(domains)}")
     lines.append(f"    smtphost 127.0.0.1/{smtp_port}")
     if ssl:
-        lines.append("    ssl sslcertck no")
+        lines.append("    ssl no sslcertck")
     rc.write_text("\n".join(lines) + "\n")
     rc.chmod(0o600)
     env = {**os.environ, "HOME": str(directory), "FETCHMAILHOME": str(directory)}

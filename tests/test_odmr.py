@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tests.conftest import CUSTOMER
 from tests.peers import Bridge, wait_for
-from tests.wire import Wire, lmtp_send
+from tests.wire import CustomerMta, Wire, lmtp_send
 
 
 def send_lmtp(bridge: Bridge, rcpts: list[str], body: bytes = b"Subject: t\r\n\r\nhi\r\n",
@@ -94,57 +94,6 @@ def test_second_session_for_a_domain_being_collected_gets_451(bridge: Bridge) ->
     first.close()
     wait_for(lambda: "lost connection after ATRN" in bridge.log_text(), what="first to end")
     assert second.command("ATRN atrn.example")[0] == 250
-
-
-class CustomerMta:
-    """The customer's side after the reversal, scripted per recipient."""
-
-    def __init__(self, wire: Wire, rcpt_replies: dict[str, str] | None = None,
-                 ehlo: list[str] | None = None) -> None:
-        self.w = wire
-        self.rcpt_replies = rcpt_replies or {}
-        self.ehlo = ehlo if ehlo is not None else ["customer.test", "8BITMIME", "SIZE 100000"]
-        self.messages: list[tuple[str, list[str], bytes]] = []
-
-    def reply(self, line: str) -> None:
-        self.w.send(line)
-
-    def run(self) -> list[tuple[str, list[str], bytes]]:
-        self.reply("220 customer.test ESMTP")
-        sender, rcpts = "", list[str]()
-        while True:
-            line = self.w.read_line().decode().rstrip("\r\n")
-            verb = line.split(" ", 1)[0].upper()
-            if verb == "EHLO":
-                for ext in self.ehlo[:-1]:
-                    self.reply(f"250-{ext}")
-                self.reply(f"250 {self.ehlo[-1]}")
-            elif verb == "MAIL":
-                sender, rcpts = line[10:].split(">")[0].lstrip("<"), []
-                self.reply("250 2.1.0 Ok")
-            elif verb == "RCPT":
-                addr = line[8:].strip("<>")
-                answer = self.rcpt_replies.get(addr, "250 2.1.5 Ok")
-                if answer.startswith("2"):
-                    rcpts.append(addr)
-                self.reply(answer)
-            elif verb == "DATA":
-                if not rcpts:
-                    self.reply("554 5.5.1 no valid recipients")
-                    continue
-                self.reply("354 go ahead")
-                data = b""
-                while (chunk := self.w.read_line()) != b".\r\n":
-                    data += chunk[1:] if chunk.startswith(b".") else chunk
-                self.messages.append((sender, rcpts, data))
-                self.reply("250 2.0.0 Ok: delivered")
-            elif verb == "RSET":
-                self.reply("250 2.0.0 Ok")
-            elif verb == "QUIT":
-                self.reply("221 2.0.0 Bye")
-                return self.messages
-            else:
-                self.reply("502 5.5.2 what")
 
 
 def collect(bridge: Bridge, domains: str = "atrn.example", **kwargs: object) -> CustomerMta:

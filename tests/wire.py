@@ -6,11 +6,30 @@ import base64
 import hashlib
 import hmac
 import socket
+import ssl
+
+
+def client_tls() -> ssl.SSLContext:
+    """The customer's side: our test certificates are self-signed."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 class Wire:
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout)
+    def __init__(self, port: int, timeout: float = 10.0, *, tls: bool = False,
+                 source: str = "127.0.0.1") -> None:
+        self.sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout,
+                                                            source_address=(source, 0))
+        if tls:
+            self.sock = client_tls().wrap_socket(self.sock)
+        self.file = self.sock.makefile("rb")
+
+    def starttls(self) -> None:
+        assert self.command("STARTTLS")[0] == 220
+        self.file.close()
+        self.sock = client_tls().wrap_socket(self.sock)
         self.file = self.sock.makefile("rb")
 
     def close(self) -> None:
@@ -85,3 +104,54 @@ def lmtp_send(port: int, sender: str, rcpts: list[str], body: bytes,
         return results
     finally:
         w.close()
+
+
+class CustomerMta:
+    """The customer's side after the reversal, scripted per recipient."""
+
+    def __init__(self, wire: Wire, rcpt_replies: dict[str, str] | None = None,
+                 ehlo: list[str] | None = None) -> None:
+        self.w = wire
+        self.rcpt_replies = rcpt_replies or {}
+        self.ehlo = ehlo if ehlo is not None else ["customer.test", "8BITMIME", "SIZE 100000"]
+        self.messages: list[tuple[str, list[str], bytes]] = []
+
+    def reply(self, line: str) -> None:
+        self.w.send(line)
+
+    def run(self) -> list[tuple[str, list[str], bytes]]:
+        self.reply("220 customer.test ESMTP")
+        sender, rcpts = "", list[str]()
+        while True:
+            line = self.w.read_line().decode().rstrip("\r\n")
+            verb = line.split(" ", 1)[0].upper()
+            if verb == "EHLO":
+                for ext in self.ehlo[:-1]:
+                    self.reply(f"250-{ext}")
+                self.reply(f"250 {self.ehlo[-1]}")
+            elif verb == "MAIL":
+                sender, rcpts = line[10:].split(">")[0].lstrip("<"), []
+                self.reply("250 2.1.0 Ok")
+            elif verb == "RCPT":
+                addr = line[8:].strip("<>")
+                answer = self.rcpt_replies.get(addr, "250 2.1.5 Ok")
+                if answer.startswith("2"):
+                    rcpts.append(addr)
+                self.reply(answer)
+            elif verb == "DATA":
+                if not rcpts:
+                    self.reply("554 5.5.1 no valid recipients")
+                    continue
+                self.reply("354 go ahead")
+                data = b""
+                while (chunk := self.w.read_line()) != b".\r\n":
+                    data += chunk[1:] if chunk.startswith(b".") else chunk
+                self.messages.append((sender, rcpts, data))
+                self.reply("250 2.0.0 Ok: delivered")
+            elif verb == "RSET":
+                self.reply("250 2.0.0 Ok")
+            elif verb == "QUIT":
+                self.reply("221 2.0.0 Bye")
+                return self.messages
+            else:
+                self.reply("502 5.5.2 what")
