@@ -20,13 +20,14 @@ from aiosmtpd.smtp import Session
 
 from bridge import replies
 from bridge.accounts import Accounts, AccountsError, normalize_domain
+from bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
 from bridge.queue import HoldQueue
 from bridge.spool import Recipient
 
 log = logging.getLogger("bridge.lmtp")
 
 # Intake parameters worth keeping for the reversed session (SIZE is recomputed).
-_KEPT_MAIL_OPTIONS = ("BODY=", "SMTPUTF8")
+_KEPT_MAIL_OPTIONS = ("BODY=", "SMTPUTF8", "RET=", "ENVID=")
 # local@domain with no quoting, comments, routes or spaces; or empty (null sender).
 _PLAIN_ADDRESS = re.compile(r"(?:[^\s<>()\[\]\\\",;:@]+@[^\s<>()\[\]\\\",;:@]+)?")
 
@@ -51,17 +52,18 @@ class IntakeHandler:
     async def handle_EHLO(self, server: LMTP, session: Session, envelope: SmtpEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
         return [responses[0], *extra, *(r for r in responses[1:] if "AUTH" not in r)]
 
-    async def handle_MAIL(self, server: LMTP, session: Session, envelope: SmtpEnvelope,
+    async def handle_MAIL(self, server: IntakeServer, session: Session, envelope: SmtpEnvelope,
                           address: str, mail_options: list[str]) -> str:
         # Keep "<>" here: aiosmtpd treats an empty mail_from as "no MAIL yet".
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        envelope.mail_options.extend(server.mail_dsn)
         return "250 2.1.0 OK"
 
-    async def handle_RCPT(self, server: LMTP, session: Session, envelope: SmtpEnvelope,
+    async def handle_RCPT(self, server: IntakeServer, session: Session, envelope: SmtpEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
         domain = recipient_domain(address)
         if domain is None:
@@ -71,16 +73,17 @@ class IntakeHandler:
             return replies.RCPT_NOT_ATRN_DOMAIN.format(rcpt=address)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        server.recipient_dsn.append(server.pending_rcpt_dsn)
         return replies.RCPT_OK
 
     async def handle_DATA(self, server: IntakeServer, session: Session,
                           envelope: SmtpEnvelope) -> str:
         server.replying_per_recipient()
         by_domain: dict[str, list[Recipient]] = defaultdict(list)
-        for address in envelope.rcpt_tos:
+        for address, dsn in zip(envelope.rcpt_tos, server.recipient_dsn, strict=True):
             domain = recipient_domain(address)
             assert domain is not None  # checked at RCPT
-            by_domain[domain].append(Recipient(address=address))
+            by_domain[domain].append(Recipient(address=address, options=dsn))
         sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         options = [o for o in envelope.mail_options if o.startswith(_KEPT_MAIL_OPTIONS)]
         body: bytes = envelope.original_content or b""
@@ -117,6 +120,31 @@ class IntakeServer(LMTP):
         super().__init__(handler, enable_SMTPUTF8=True, **kwargs)
         self._recipients_in_data = 0
         self._fan_out = 0
+        # DSN parameters of the current transaction, kept out of aiosmtpd's
+        # parser (which refuses RCPT parameters and upper-cases the rest).
+        self.mail_dsn: list[str] = []
+        self.pending_rcpt_dsn: list[str] = []
+        self.recipient_dsn: list[list[str]] = []
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self.mail_dsn, self.recipient_dsn = [], []
+        if arg:
+            try:
+                arg, self.mail_dsn = split_parameters(arg, MAIL_PARAMETERS)
+            except DsnSyntaxError as exc:
+                await self.push(f"501 5.5.4 Syntax error in parameters: {exc}")
+                return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.pending_rcpt_dsn = []
+        if arg:
+            try:
+                arg, self.pending_rcpt_dsn = split_parameters(arg, RCPT_PARAMETERS)
+            except DsnSyntaxError as exc:
+                await self.push(f"501 5.5.4 Syntax error in parameters: {exc}")
+                return
+        await super().smtp_RCPT(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """``<local@domain> params`` without the RFC 5322 parser when it is plain.

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 from bridge.queue import HoldQueue, Outcome
 from bridge.smtp_client import Extensions, Reply, dot_stuff, read_reply
-from bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Spool
+from bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient, Spool
 
 log = logging.getLogger("bridge.relay")
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
@@ -164,12 +164,12 @@ class Relay:
         """One transaction for the pending recipients of one held message."""
         started = time.monotonic()
         report.messages += 1
-        recipients = [r.address for r in envelope.pending()]
+        pending = envelope.pending()
         refusal = self._local_refusal(envelope)
         if refusal is not None:
-            replies = dict.fromkeys(recipients, refusal)
+            replies = dict.fromkeys((r.address for r in pending), refusal)
         else:
-            replies = await self._transaction(envelope, recipients)
+            replies = await self._transaction(envelope, pending)
         outcomes = {a: Outcome(_state_for(r), str(r)) for a, r in replies.items()}
         await self.queue.settle(envelope, outcomes)
         delay = time.monotonic() - started
@@ -201,12 +201,20 @@ class Relay:
             params.append("BODY=8BITMIME")
         if _needs_smtputf8(envelope):
             params.append("SMTPUTF8")
+        if "DSN" in self.extensions:
+            params += [o for o in envelope.mail_options if o.startswith(("RET=", "ENVID="))]
         return " ".join([f"MAIL FROM:<{envelope.sender}>", *params])
 
-    async def _transaction(self, envelope: Envelope, recipients: list[str]) -> dict[str, Reply]:
+    def _rcpt_command(self, recipient: Recipient) -> str:
+        params = recipient.options if "DSN" in self.extensions else []
+        return " ".join([f"RCPT TO:<{recipient.address}>", *params])
+
+    async def _transaction(self, envelope: Envelope,
+                           pending: list[Recipient]) -> dict[str, Reply]:
         timeout = self.timeouts.command
+        recipients = [r.address for r in pending]
         envelope_lines = [self._mail_command(envelope)]
-        envelope_lines += [f"RCPT TO:<{r}>" for r in recipients]
+        envelope_lines += [self._rcpt_command(r) for r in pending]
         if "PIPELINING" in self.extensions:
             # RFC 2920: MAIL, every RCPT and DATA in one group.
             await self._send(*envelope_lines, "DATA")

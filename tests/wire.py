@@ -72,7 +72,7 @@ class Wire:
 
 
 def lmtp_send(port: int, sender: str, rcpts: list[str], body: bytes,
-              mail_options: str = "") -> list[tuple[int, str]]:
+              mail_options: str = "", rcpt_options: str = "") -> list[tuple[int, str]]:
     """One LMTP transaction; returns the RCPT replies of refused recipients and,
     for the accepted ones, the per-recipient replies after DATA (RFC 2033).
 
@@ -87,7 +87,8 @@ def lmtp_send(port: int, sender: str, rcpts: list[str], body: bytes,
         results: list[tuple[int, str]] = []
         accepted = 0
         for rcpt in rcpts:
-            code, lines = w.command(f"RCPT TO:<{rcpt}>")
+            code, lines = w.command(
+                f"RCPT TO:<{rcpt}>{' ' + rcpt_options if rcpt_options else ''}")
             if code == 250:
                 accepted += 1
             else:
@@ -110,11 +111,13 @@ class CustomerMta:
     """The customer's side after the reversal, scripted per recipient."""
 
     def __init__(self, wire: Wire, rcpt_replies: dict[str, str] | None = None,
-                 ehlo: list[str] | None = None) -> None:
+                 ehlo: list[str] | None = None, refuse_ehlo: bool = False) -> None:
         self.w = wire
         self.rcpt_replies = rcpt_replies or {}
         self.ehlo = ehlo if ehlo is not None else ["customer.test", "8BITMIME", "SIZE 100000"]
+        self.refuse_ehlo = refuse_ehlo
         self.messages: list[tuple[str, list[str], bytes]] = []
+        self.commands: list[str] = []
 
     def reply(self, line: str) -> None:
         self.w.send(line)
@@ -124,8 +127,13 @@ class CustomerMta:
         sender, rcpts = "", list[str]()
         while True:
             line = self.w.read_line().decode().rstrip("\r\n")
+            self.commands.append(line)
             verb = line.split(" ", 1)[0].upper()
-            if verb == "EHLO":
+            if verb == "EHLO" and self.refuse_ehlo:
+                self.reply("502 5.5.2 EHLO not implemented")
+            elif verb == "HELO":
+                self.reply("250 customer.test")
+            elif verb == "EHLO":
                 for ext in self.ehlo[:-1]:
                     self.reply(f"250-{ext}")
                 self.reply(f"250 {self.ehlo[-1]}")
@@ -133,7 +141,7 @@ class CustomerMta:
                 sender, rcpts = line[10:].split(">")[0].lstrip("<"), []
                 self.reply("250 2.1.0 Ok")
             elif verb == "RCPT":
-                addr = line[8:].strip("<>")
+                addr = line[8:].split(">")[0].lstrip("<")
                 answer = self.rcpt_replies.get(addr, "250 2.1.5 Ok")
                 if answer.startswith("2"):
                     rcpts.append(addr)

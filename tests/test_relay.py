@@ -1,0 +1,82 @@
+"""The reversed session is an ESMTP client driven by what the customer's EHLO offers."""
+
+from __future__ import annotations
+
+from tests.conftest import CUSTOMER
+from tests.peers import Bridge
+from tests.wire import CustomerMta, Wire, lmtp_send
+
+BODY = b"Subject: t\r\n\r\nhello\r\n"
+
+
+def collect(bridge: Bridge, **kwargs: object) -> CustomerMta:
+    w = Wire(bridge.odmr_port)
+    w.login(*CUSTOMER)
+    assert w.command("ATRN atrn.example")[0] == 250
+    mta = CustomerMta(w, **kwargs)  # type: ignore[arg-type]
+    mta.run()
+    return mta
+
+
+def test_dsn_parameters_received_at_intake_are_passed_on(bridge: Bridge) -> None:
+    replies = lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY,
+                        mail_options="RET=HDRS ENVID=Q+2Bid-1",
+                        rcpt_options="NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+40atrn.example")
+    assert replies[0][0] == 250
+    mta = collect(bridge, ehlo=["customer.test", "DSN", "PIPELINING"])
+    mail = next(c for c in mta.commands if c.startswith("MAIL"))
+    rcpt = next(c for c in mta.commands if c.startswith("RCPT"))
+    assert "RET=HDRS" in mail and "ENVID=Q+2Bid-1" in mail
+    assert rcpt == "RCPT TO:<a@atrn.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+40atrn.example"
+
+
+def test_dsn_parameters_are_dropped_for_a_customer_without_dsn(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY,
+              mail_options="RET=FULL", rcpt_options="NOTIFY=NEVER")
+    mta = collect(bridge)
+    assert "MAIL FROM:<s@x.test> SIZE=" in " ".join(mta.commands)
+    assert not any("NOTIFY" in c or "RET=" in c for c in mta.commands)
+    assert len(mta.messages) == 1
+
+
+def test_malformed_dsn_parameters_are_refused_at_intake(bridge: Bridge) -> None:
+    w = Wire(bridge.lmtp_port)
+    w.reply()
+    w.command("LHLO mx.test")
+    assert w.command("MAIL FROM:<s@x.test> RET=MAYBE")[0] == 501
+    assert w.command("MAIL FROM:<s@x.test>")[0] == 250
+    assert w.command("RCPT TO:<a@atrn.example> NOTIFY=NEVER,SUCCESS")[0] == 501
+
+
+def test_helo_is_used_when_the_customer_refuses_ehlo(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY)
+    mta = collect(bridge, refuse_ehlo=True)
+    assert [c.split(" ")[0] for c in mta.commands[:2]] == ["EHLO", "HELO"]
+    assert len(mta.messages) == 1
+    assert mta.commands[2] == "MAIL FROM:<s@x.test>"  # no ESMTP parameters after HELO
+
+
+def test_a_message_over_the_customers_size_limit_is_not_sent(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["big@atrn.example"], b"x" * 900 + b"\r\n")
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["small@atrn.example"], BODY)
+    mta = collect(bridge, ehlo=["customer.test", "SIZE 500"])
+    assert [m[1] for m in mta.messages] == [["small@atrn.example"]]
+    assert bridge.held() == []
+    assert len(list((bridge.spool / "failed").iterdir())) == 1  # kept for the bounce
+    assert "dsn=5.3.4, status=bounced" in bridge.log_text()
+
+
+def test_smtputf8_mail_to_a_customer_without_smtputf8_fails_permanently(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s\u00e9@x.test", ["a@atrn.example"], BODY,
+              mail_options="SMTPUTF8")
+    mta = collect(bridge, ehlo=["customer.test", "8BITMIME"])
+    assert mta.messages == []
+    assert "dsn=5.6.7, status=bounced" in bridge.log_text()
+
+
+def test_smtputf8_mail_goes_to_a_customer_with_smtputf8(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s\u00e9@x.test", ["a@atrn.example"], BODY,
+              mail_options="SMTPUTF8")
+    mta = collect(bridge, ehlo=["customer.test", "8BITMIME", "SMTPUTF8"])
+    assert [m[0] for m in mta.messages] == ["s\u00e9@x.test"]
+    assert "SMTPUTF8" in next(c for c in mta.commands if c.startswith("MAIL"))
