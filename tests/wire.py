@@ -124,6 +124,9 @@ class CustomerMta:
 
     def run(self) -> list[tuple[str, list[str], bytes]]:
         self.reply("220 customer.test ESMTP")
+        return self.run_after_greeting()
+
+    def run_after_greeting(self) -> list[tuple[str, list[str], bytes]]:
         sender, rcpts = "", list[str]()
         while True:
             line = self.w.read_line().decode().rstrip("\r\n")
