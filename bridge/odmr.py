@@ -256,7 +256,10 @@ class OdmrServer(SaslMixin):
                       timeouts=self.context.timeouts, keep_going=lambda: not leases.lost,
                       line_per_write=self.secure)
         try:
-            report = await relay.drain(domains)
+            try:
+                report = await relay.drain(domains)
+            finally:
+                await self.context.queue.sync()
             log.info("%s: disconnect after ATRN: delivered=%d deferred=%d failed=%d",
                      self.client, report.delivered, report.deferred, report.failed)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError,

@@ -19,12 +19,14 @@ from collections.abc import Callable, Iterator
 
 from bridge.queue import HoldQueue, Outcome
 from bridge.smtp_client import Extensions, Reply, dot_stuff, read_reply
-from bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient, Spool
+from bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient
 
 log = logging.getLogger("bridge.relay")
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 BODY_CHUNK = 64 * 1024
+# Removals of delivered messages are made durable (a directory fsync) this often.
+SYNC_EVERY = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,6 @@ class Relay:
         self.reader = reader
         self.writer = writer
         self.queue = queue
-        self.spool: Spool = queue.spool
         self.hostname = hostname
         self.relay_name = peer
         self.timeouts = timeouts
@@ -151,16 +152,17 @@ class Relay:
                     if not self.keep_going():
                         break
                     attempted.add(qid)
-                    envelope = await self.queue.load(domain, qid)
-                    if envelope is None:
-                        continue
-                    await self.deliver(envelope, report)
+                    async with self.queue.checkout(domain, qid) as found:
+                        if found is not None:
+                            await self.deliver(*found, report)
+                    if report.messages % SYNC_EVERY == 0:
+                        await self.queue.sync()
         if self.keep_going():
             await self.quit()
             report.completed = True
         return report
 
-    async def deliver(self, envelope: Envelope, report: DrainReport) -> None:
+    async def deliver(self, envelope: Envelope, body: Readable, report: DrainReport) -> None:
         """One transaction for the pending recipients of one held message."""
         started = time.monotonic()
         report.messages += 1
@@ -169,7 +171,7 @@ class Relay:
         if refusal is not None:
             replies = dict.fromkeys((r.address for r in pending), refusal)
         else:
-            replies = await self._transaction(envelope, pending)
+            replies = await self._transaction(envelope, body, pending)
         outcomes = {a: Outcome(_state_for(r), str(r)) for a, r in replies.items()}
         await self.queue.settle(envelope, outcomes)
         delay = time.monotonic() - started
@@ -209,7 +211,7 @@ class Relay:
         params = recipient.options if "DSN" in self.extensions else []
         return " ".join([f"RCPT TO:<{recipient.address}>", *params])
 
-    async def _transaction(self, envelope: Envelope,
+    async def _transaction(self, envelope: Envelope, body: Readable,
                            pending: list[Recipient]) -> dict[str, Reply]:
         timeout = self.timeouts.command
         recipients = [r.address for r in pending]
@@ -247,19 +249,18 @@ class Relay:
             await self._send(".")
             await self._reply(self.timeouts.data_end)
             return results
-        await self._send_body(envelope)
+        await self._send_body(body)
         final = await self._reply(self.timeouts.data_end)
         results.update(dict.fromkeys(accepted, final))
         return results
 
-    async def _send_body(self, envelope: Envelope) -> None:
-        with self.spool.open_body(envelope.qid) as (body, _):
-            pieces = dot_stuff(_chunks(body))
-            if self.line_per_write:
-                pieces = _lines(pieces)
-            for piece in pieces:
-                self.writer.write(piece)
-                await self.writer.drain()
+    async def _send_body(self, body: Readable) -> None:
+        pieces = dot_stuff(_chunks(body))
+        if self.line_per_write:
+            pieces = _lines(pieces)
+        for piece in pieces:
+            self.writer.write(piece)
+            await self.writer.drain()
 
 
 def _lines(pieces: Iterator[bytes]) -> Iterator[bytes]:

@@ -177,15 +177,26 @@ class Spool:
         os.rename(temp, self.deferred / envelope.qid)
         _fsync_dir(self.deferred)
 
-    def retire(self, envelope: Envelope) -> None:
-        """All recipients are final: drop the file, or keep it in failed/ for bounces."""
+    def retire(self, envelope: Envelope, *, sync: bool = True) -> None:
+        """All recipients are final: drop the file, or keep it in failed/ for bounces.
+
+        With ``sync=False`` a plain removal (everything delivered) skips the
+        directory fsync; the caller batches it with :meth:`sync_deferred`.  A
+        power loss before that can only bring a delivered message back (a
+        duplicate), never lose one.  Moves to failed/ are always synced.
+        """
         source = self.deferred / envelope.qid
         if any(r.state == FAILED for r in envelope.recipients):
             with self.open_body(envelope.qid) as (body, _):
                 temp = self._write_temp(envelope, _Limited(body, envelope.size))
             os.rename(temp, self.failed / envelope.qid)
             _fsync_dir(self.failed)
+            sync = True
         source.unlink(missing_ok=True)
+        if sync:
+            _fsync_dir(self.deferred)
+
+    def sync_deferred(self) -> None:
         _fsync_dir(self.deferred)
 
     def quarantine(self, qid: str) -> None:

@@ -15,7 +15,8 @@ def test_500_connections_idle_authenticated_and_reversed_are_all_served(bridge: 
     for i in range(20):
         lmtp_send(bridge.lmtp_port, "s@x.test", [f"r{i}@atrn.example"],
                   b"Subject: t\r\n\r\n" + b"body line\r\n" * 50)
-    idle, authenticated = [], []
+    idle: list[Wire] = []
+    authenticated: list[Wire] = []
     for i in range(CONNECTIONS):
         w = Wire(bridge.odmr_port, timeout=30)
         assert w.reply()[0] == 220
