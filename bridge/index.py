@@ -72,6 +72,15 @@ class Index:
         )
         return bool(removed)
 
+    async def remove_many(self, messages: list[tuple[str, str]]) -> None:
+        """Drop several (domain, qid) entries in one round trip, each atomically."""
+        pipe = self.redis.pipeline(transaction=False)
+        for domain, qid in messages:
+            await self._remove(
+                keys=[keys.deferred(domain), keys.message(domain, qid), keys.stats(domain)],
+                args=[qid], client=pipe)
+        await pipe.execute()
+
     # -- reading -----------------------------------------------------------
 
     async def domains(self) -> list[str]:

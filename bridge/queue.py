@@ -54,7 +54,7 @@ class HoldQueue:
     def __init__(self, spool: Spool, index: Index) -> None:
         self.spool = spool
         self.index = index
-        self._unsynced = False
+        self._unsynced: list[tuple[str, str]] = []
 
     async def commit(
         self,
@@ -143,16 +143,18 @@ class HoldQueue:
             await asyncio.to_thread(self.spool.retire, envelope)
             await self.index.remove(envelope.domain, envelope.qid)
         else:
-            # All delivered: unlink now, fsync the directory at the next sync().
+            # All delivered: unlink now; the directory fsync and the index
+            # update follow at the next sync(), batched.  A stale index entry
+            # meanwhile is harmless: checkout() drops entries without a file.
             self.spool.retire(envelope, sync=False)
-            self._unsynced = True
-            await self.index.remove(envelope.domain, envelope.qid)
+            self._unsynced.append((envelope.domain, envelope.qid))
 
     async def sync(self) -> None:
-        """Make the removals since the last sync durable (one directory fsync)."""
+        """Make the removals since the last sync durable and drop them from the index."""
         if self._unsynced:
-            self._unsynced = False
+            done, self._unsynced = self._unsynced, []
             await asyncio.to_thread(self.spool.sync_deferred)
+            await self.index.remove_many(done)
 
     async def reindex(self) -> ReindexReport:
         """Rebuild the whole index from the spool (the record)."""
