@@ -101,8 +101,12 @@ class Relay:
     # -- the dialogue --------------------------------------------------------
 
     async def _send(self, *lines: str) -> None:
-        for line in lines:
-            self.writer.write(line.encode("utf-8") + b"\r\n")
+        encoded = [line.encode("utf-8") + b"\r\n" for line in lines]
+        if self.line_per_write:
+            for line in encoded:
+                self.writer.write(line)
+        else:  # one send() for a whole pipelined group
+            self.writer.write(b"".join(encoded))
         await self.writer.drain()
 
     async def _reply(self, timeout: float) -> Reply:
@@ -260,7 +264,8 @@ class Relay:
             pieces = _lines(pieces)
         for piece in pieces:
             self.writer.write(piece)
-            await self.writer.drain()
+            if self.writer.transport.get_write_buffer_size() > BODY_CHUNK:
+                await self.writer.drain()
 
 
 def _lines(pieces: Iterator[bytes]) -> Iterator[bytes]:

@@ -64,6 +64,7 @@ def test_no_mail_is_453_and_the_session_stays_open(bridge: Bridge) -> None:
     w.login(*CUSTOMER)
     assert w.command("ATRN atrn.example")[0] == 453
     assert w.command("NOOP")[0] == 250
+    assert w.command("ATRN ATRN.Example.")[0] == 453  # again, and case-insensitively
     assert w.command("QUIT")[0] == 221
 
 
