@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import getpass
 import json
@@ -13,14 +14,15 @@ from typing import TextIO
 
 import redis.exceptions
 
-from bridge import config
-from bridge.accounts import AccountsError, AccountsFile
+from bridge import config, postfix_setup
+from bridge.accounts import AccountsError, AccountsFile, normalize_domain
 from bridge.daemon import Daemon, redis_client
 from bridge.embedded_redis import EmbeddedRedisError
 from bridge.index import Index, IndexedMessage
 from bridge.logs import setup as setup_logging
 from bridge.queue import HoldQueue
 from bridge.spool import Spool
+from bridge.transport_map import TransportMap, map_path, reload_postfix
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -56,12 +58,14 @@ def cmd_domain(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.action == "remove":
         store.remove_domain(args.domain)
         print(f"removed ATRN domain {args.domain}")
+        _keep_transport_map_in_step(settings, normalize_domain(args.domain), add=False)
         return 0
     existing = store.read().users
     if args.action == "add":
         passwords = {u: read_password(u, sys.stdin) for u in args.user if u not in existing}
         store.add_domain(args.domain, args.user, passwords)
         print(f"added ATRN domain {args.domain}, collected by {', '.join(args.user)}")
+        _keep_transport_map_in_step(settings, normalize_domain(args.domain), add=True)
         return 0
     # set
     changing = list(args.user or []) + list(args.add_user or [])
@@ -73,6 +77,31 @@ def cmd_domain(args: argparse.Namespace, settings: config.Settings) -> int:
                      remove_users=args.remove_user or [], passwords=passwords)
     users = store.read().domains.get(args.domain.lower(), ())
     print(f"updated ATRN domain {args.domain}, collected by {', '.join(users)}")
+    return 0
+
+
+def _keep_transport_map_in_step(settings: config.Settings, domain: str, add: bool) -> None:
+    """When Postfix is wired up (the transport map exists), route the domain there too."""
+    path = map_path(settings)
+    if not path.exists():
+        return
+    table = TransportMap(settings)
+    if table.add(domain) if add else table.remove(domain):
+        print(f"{'added' if add else 'removed'} {domain} {'to' if add else 'from'} {path}; "
+              "postmap done")
+        if reload_postfix(settings.postfix.config_dir):
+            print(f"reloaded Postfix ({settings.postfix.config_dir})")
+
+
+def cmd_postfix(args: argparse.Namespace, settings: config.Settings) -> int:
+    if args.config_dir:
+        settings = dataclasses.replace(settings, postfix=dataclasses.replace(
+            settings.postfix, config_dir=args.config_dir))
+    plan = postfix_setup.plan_setup if args.action == "setup" else postfix_setup.plan_remove
+    postfix_setup.apply(settings, plan(settings, args.milter), args.dry_run, print)
+    if args.action == "setup" and not args.dry_run and reload_postfix(
+            settings.postfix.config_dir):
+        print(f"reloaded Postfix ({settings.postfix.config_dir})")
     return 0
 
 
@@ -159,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("domain")
     dsub.add_parser("list", help="list ATRN domains and their users")
 
+    postfix = sub.add_parser("postfix", help="wire the bridge into Postfix (postconf)")
+    psub = postfix.add_subparsers(dest="action", required=True)
+    for action, text in (("setup", "add the lmtp clone, transport map, relay_domains, milter"),
+                         ("remove", "undo what setup added")):
+        step = psub.add_parser(action, help=text)
+        step.add_argument("--config-dir", help="Postfix config directory (postconf -c)")
+        step.add_argument("--dry-run", action="store_true", help="print, change nothing")
+        step.add_argument("--milter", help="admission milter address for smtpd_milters, "
+                                           "e.g. inet:127.0.0.1:8891")
+
     queue = sub.add_parser("queue", help="inspect the hold queue")
     qsub = queue.add_subparsers(dest="action", required=True)
     qlist = qsub.add_parser("list", help="list held mail, like postqueue -p")
@@ -179,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": lambda: Daemon(settings).run(),
         "reindex": lambda: _reindex(settings),
         "domain": lambda: cmd_domain(args, settings),
+        "postfix": lambda: cmd_postfix(args, settings),
         "queue": lambda: _queue_list(settings, args.domain, args.json),
     }
     try:

@@ -87,6 +87,18 @@ class AccountsSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class PostfixSettings:
+    # The Postfix instance the bridge is wired into (`postconf -c`).
+    config_dir: str = "/etc/postfix"
+    # The transport map whose entries for `transport` are ATRN domains (beside
+    # those in the customers file); empty: <config_dir>/odmr_transport, which
+    # `postfix setup` creates. A missing file lists no domains.
+    transport_map: str = ""
+    # The master.cf service (an lmtp clone) that carries mail to the bridge.
+    transport: str = "odmr"
+
+
+@dataclasses.dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
 
@@ -100,6 +112,7 @@ class Settings:
     tls: TlsSettings = TlsSettings()
     auth: AuthSettings = AuthSettings()
     accounts: AccountsSettings = AccountsSettings()
+    postfix: PostfixSettings = PostfixSettings()
     log: LogSettings = LogSettings()
 
 

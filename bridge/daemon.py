@@ -31,6 +31,7 @@ from bridge.relay import Timeouts
 from bridge.spool import Spool
 from bridge.throttle import AuthThrottle, ThrottlePolicy
 from bridge.tls import CertificateReloader, server_context
+from bridge.transport_map import map_path, read_atrn_domains
 from bridge.watch import Reloading
 
 log = logging.getLogger("bridge.daemon")
@@ -55,6 +56,21 @@ async def listen(factory: Callable[[], SMTP], where: str,
     host, port = target
     return await loop.create_server(factory, host, port, reuse_address=True, ssl=ssl,
                                     backlog=1024)
+
+
+def _abort(transport: asyncio.BaseTransport) -> None:
+    if isinstance(transport, asyncio.WriteTransport):
+        transport.abort()
+    else:
+        transport.close()
+
+
+def _busy(protocol: SMTP) -> bool:
+    if isinstance(protocol, IntakeServer):
+        return protocol.envelope is not None and bool(protocol.envelope.mail_from)
+    if isinstance(protocol, OdmrServer):
+        return protocol.delivering
+    return True
 
 
 class Daemon:
@@ -84,33 +100,45 @@ class Daemon:
             log.info("started private redis-server at %s", embedded.socket)
         client = redis_client(settings)
         accounts: Reloading[Accounts] | None = None
+        transport_domains: Reloading[frozenset[str]] | None = None
         try:
             queue = HoldQueue(spool, Index(client))
+            await queue.index.prepare()
             report = await queue.reindex()
             log.info("index rebuilt from spool: %d message(s) in %d domain(s), %d corrupt",
                      report.messages, report.domains, report.corrupt)
             accounts = Reloading(settings.accounts.file, Accounts.load)
             accounts.start()
-            await self._serve(queue, accounts)
+            transport = settings.postfix.transport
+            transport_domains = Reloading(map_path(settings),
+                                          lambda path: read_atrn_domains(path, transport))
+            transport_domains.start(create_parent=False)
+            await self._serve(queue, accounts, transport_domains)
         finally:
-            if accounts is not None:
-                accounts.stop()
+            for watched in (accounts, transport_domains):
+                if watched is not None:
+                    watched.stop()
             await client.aclose()
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
         log.info("stopped")
         return 0
 
-    async def _serve(self, queue: HoldQueue, accounts: Reloading[Accounts]) -> None:
+    async def _serve(self, queue: HoldQueue, accounts: Reloading[Accounts],
+                     transport_domains: Reloading[frozenset[str]]) -> None:
         settings = self.settings
         name = hostname(settings)
-        intake = IntakeHandler(queue, accounts)
+
+        def is_atrn_domain(domain: str) -> bool:
+            return domain in transport_domains() or accounts().is_atrn_domain(domain)
+
+        intake = IntakeHandler(queue, is_atrn_domain)
         tls_context = server_context(settings.tls)
+        throttle = AuthThrottle(queue.index.redis, ThrottlePolicy(
+            settings.auth.max_failures, settings.auth.failure_window, settings.auth.failure_delay))
+        await throttle.prepare()
         odmr = OdmrContext(
-            queue=queue, accounts=accounts, hostname=name,
-            throttle=AuthThrottle(queue.index.redis, ThrottlePolicy(
-                settings.auth.max_failures, settings.auth.failure_window,
-                settings.auth.failure_delay)),
+            queue=queue, accounts=accounts, hostname=name, throttle=throttle,
             lease_seconds=settings.odmr.lease_seconds,
             command_timeout=settings.odmr.command_timeout,
             timeouts=Timeouts(greeting=settings.odmr.reply_timeout,
@@ -148,20 +176,20 @@ class Daemon:
                  self.settings.odmr.shutdown_grace)
         for server in self.servers:
             server.close()
-        for protocol in list(self.sessions):
-            # An intake connection between transactions holds nothing: close it now.
-            envelope = protocol.envelope
-            if isinstance(protocol, IntakeServer) and envelope is not None \
-                    and not envelope.mail_from and protocol.transport is not None:
-                protocol.transport.close()
         deadline = asyncio.get_running_loop().time() + self.settings.odmr.shutdown_grace
-        while any(p.transport is not None for p in self.sessions):
-            if asyncio.get_running_loop().time() > deadline:
-                for protocol in list(self.sessions):
-                    if protocol.transport is not None:
-                        protocol.transport.close()
-                await asyncio.sleep(0.1)
+        while True:
+            # Only work in flight earns the grace period (an intake connection
+            # inside a transaction, an ODMR session serving ATRN); a session is
+            # closed as soon as it is idle.  abort(): a TLS close would wait
+            # (up to 30 s) for the peer's close_notify.
+            expired = asyncio.get_running_loop().time() > deadline
+            open_sessions = [(p, p.transport) for p in self.sessions if p.transport is not None]
+            for protocol, transport in open_sessions:
+                if transport is not None and (expired or not _busy(protocol)):
+                    _abort(transport)
+            if not open_sessions or expired:
                 break
             await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # let connection_lost callbacks run
         for server in self.servers:
             await server.wait_closed()

@@ -50,6 +50,11 @@ class Index:
         self._renew: AsyncScript = client.register_script(load_script("lease_renew.lua"))
         self._release: AsyncScript = client.register_script(load_script("lease_release.lua"))
 
+    async def prepare(self) -> None:
+        """Load the Lua scripts into Redis up front, so no state change meets NOSCRIPT."""
+        for script in (self._add, self._remove, self._renew, self._release):
+            await self.redis.script_load(script.script)
+
     # -- message state ---------------------------------------------------
 
     async def add(self, envelope: Envelope) -> bool:

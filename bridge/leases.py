@@ -14,6 +14,7 @@ import logging
 from bridge.index import Index
 
 log = logging.getLogger("bridge.leases")
+RELEASE_TIMEOUT = 2.0
 
 
 class LeaseKeeper:
@@ -46,12 +47,17 @@ class LeaseKeeper:
                     return
 
     async def release(self) -> None:
+        """Best effort: a lease not released here expires after its TTL anyway."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         for domain in self.domains:
-            with contextlib.suppress(Exception):
-                await self.index.release(domain, self.token)
+            try:
+                async with asyncio.timeout(RELEASE_TIMEOUT):
+                    await self.index.release(domain, self.token)
+            except Exception as exc:
+                log.warning("lease on %s not released (%s); it expires by itself",
+                            domain, type(exc).__name__)
         self.domains = []

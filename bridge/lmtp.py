@@ -19,7 +19,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
 from bridge import replies
-from bridge.accounts import Accounts, AccountsError, normalize_domain
+from bridge.accounts import AccountsError, normalize_domain
 from bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
 from bridge.queue import HoldQueue
 from bridge.spool import Recipient
@@ -45,9 +45,9 @@ def recipient_domain(address: str) -> str | None:
 class IntakeHandler:
     """aiosmtpd hooks: admit recipients of ATRN domains, commit at end of DATA."""
 
-    def __init__(self, queue: HoldQueue, accounts: Callable[[], Accounts]) -> None:
+    def __init__(self, queue: HoldQueue, is_atrn_domain: Callable[[str], bool]) -> None:
         self.queue = queue
-        self.accounts = accounts
+        self.is_atrn_domain = is_atrn_domain
 
     async def handle_EHLO(self, server: LMTP, session: Session, envelope: SmtpEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -68,7 +68,7 @@ class IntakeHandler:
         domain = recipient_domain(address)
         if domain is None:
             return replies.RCPT_BAD_ADDRESS.format(rcpt=address)
-        if not self.accounts().is_atrn_domain(domain):
+        if not self.is_atrn_domain(domain):
             log.info("reject: RCPT to=<%s>: domain %s is not an ATRN domain", address, domain)
             return replies.RCPT_NOT_ATRN_DOMAIN.format(rcpt=address)
         envelope.rcpt_tos.append(address)

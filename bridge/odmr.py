@@ -127,6 +127,11 @@ class OdmrServer(SaslMixin):
     def secure(self) -> bool:
         return self.tls_on_connect or getattr(self, "_tls_protocol", None) is not None
 
+    @property
+    def delivering(self) -> bool:
+        """An ATRN is being served (leases held, maybe reversed)."""
+        return self._atrn_task is not None and not self._atrn_task.done()
+
     def _peer(self) -> object:
         session: Session | None = getattr(self, "session", None)
         return session.peer if session is not None else None

@@ -30,6 +30,9 @@ class AuthThrottle:
         self.policy = policy
         self._count: AsyncScript = client.register_script(load_script("count_failure.lua"))
 
+    async def prepare(self) -> None:
+        await self.redis.script_load(self._count.script)
+
     async def blocked(self, address: str, user: str | None = None) -> bool:
         names = [keys.auth_failures_by_address(address)]
         if user is not None:

@@ -37,6 +37,11 @@ class CertificateReloader:
                          dict.fromkeys((settings.cert_file, settings.key_file))]
 
     def _load(self, _: Path) -> None:
+        # Try the pair on a scratch context first: a failed load_cert_chain can
+        # leave a context with the new certificate and the old key.  While the
+        # files are being rewritten (one, then the other) the pair does not
+        # match; the later event loads it.
+        server_context(self.settings)
         self.context.load_cert_chain(self.settings.cert_file, self.settings.key_file)
 
     def start(self) -> None:

@@ -43,10 +43,14 @@ class Reloading(Generic[T]):
                 return
         log.info("reloaded %s", self.path)
 
-    def start(self) -> None:
+    def start(self, create_parent: bool = True) -> None:
+        if not self.path.parent.is_dir():
+            if not create_parent:
+                log.warning("not watching %s: %s does not exist", self.path, self.path.parent)
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         handler = _PathHandler(self.path, self.reload)
         observer = Observer()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         observer.schedule(handler, str(self.path.parent), recursive=False)
         observer.daemon = True
         observer.start()
