@@ -42,6 +42,15 @@ def _elements(value: str) -> list[str]:
     return [e for e in value.replace(",", " ").split() if e]
 
 
+def _list_entries(settings: Settings, milter: str | None) -> list[tuple[str, str]]:
+    """The main.cf list parameters setup adds one element to, with that element."""
+    table = f"hash:{map_path(settings)}"
+    wanted = [("transport_maps", table), ("relay_domains", table)]
+    if milter:
+        wanted.append(("smtpd_milters", milter))
+    return wanted
+
+
 def _master_line(settings: Settings) -> str:
     return f"{settings.postfix.transport} unix - - n - - lmtp"
 
@@ -53,17 +62,13 @@ def plan_setup(settings: Settings, milter: str | None) -> list[Step]:
     if not run(["postconf", "-c", d, "-M", service]).strip():
         steps.append(Step(f"master.cf: add '{_master_line(settings)}'",
                           ("-Me", f"{service}={_master_line(settings)}")))
-    table = f"hash:{map_path(settings)}"
     path = map_path(settings)
     if not path.exists():
         def create() -> None:
             path.write_text("# ATRN domains: `odmr-bridge domain add` keeps this in step.\n")
-            run(["postmap", "-c", d, table])
+            run(["postmap", "-c", d, f"hash:{path}"])
         steps.append(Step(f"create {path} and postmap it", action=create))
-    wanted = [("transport_maps", table), ("relay_domains", table)]
-    if milter:
-        wanted.append(("smtpd_milters", milter))
-    for name, element in wanted:
+    for name, element in _list_entries(settings, milter):
         value = _explicit(d, name)
         if value is not None and element in _elements(value):
             continue
@@ -83,11 +88,7 @@ def plan_remove(settings: Settings, milter: str | None) -> list[Step]:
     service = f"{settings.postfix.transport}/unix"
     if run(["postconf", "-c", d, "-M", service]).strip():
         steps.append(Step(f"master.cf: remove the {service} service", ("-MX", service)))
-    table = f"hash:{map_path(settings)}"
-    wanted = [("transport_maps", table), ("relay_domains", table)]
-    if milter:
-        wanted.append(("smtpd_milters", milter))
-    for name, element in wanted:
+    for name, element in _list_entries(settings, milter):
         value = _explicit(d, name)
         if value is None or element not in _elements(value):
             continue
