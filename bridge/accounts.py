@@ -6,7 +6,12 @@ password-equivalent CRAM-MD5 state, never a plaintext password):
     {"version": 1,
      "users":   {"cust": {"cram-md5": "{CRAM-MD5}<hex>",
                           "scram-sha-256": "{SCRAM-SHA-256}<i>$<salt>$<stored>$<server>"}},
-     "domains": {"atrn.example": {"users": ["cust"]}}}
+     "domains": {"atrn.example": {"users": ["cust"],
+                                  "max_messages": 1000, "max_bytes": 104857600,
+                                  "max_message_size": 10485760,
+                                  "recipients": ["a@atrn.example"]}}}
+
+The limits are optional; the admission milter enforces them.
 
 A user may collect several domains; a domain may have several users.
 :class:`Accounts` is an immutable snapshot (the daemon swaps one reference
@@ -56,13 +61,52 @@ def check_user(user: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class DomainLimits:
+    """Admission limits for one ATRN domain (None: no limit / no recipient list)."""
+
+    max_messages: int | None = None
+    max_bytes: int | None = None
+    max_message_size: int | None = None
+    recipients: frozenset[str] | None = None
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> DomainLimits:
+        def number(key: str) -> int | None:
+            value = data.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise AccountsError(f"{key}: expected a whole number >= 0, got {value!r}")
+            return value
+        recipients = data.get("recipients")
+        return cls(number("max_messages"), number("max_bytes"), number("max_message_size"),
+                   None if recipients is None else frozenset(r.lower() for r in recipients))
+
+    def to_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {k: v for k, v in (
+            ("max_messages", self.max_messages), ("max_bytes", self.max_bytes),
+            ("max_message_size", self.max_message_size)) if v is not None}
+        if self.recipients is not None:
+            data["recipients"] = sorted(self.recipients)
+        return data
+
+
+NO_LIMITS = DomainLimits()
+
+
+@dataclasses.dataclass(frozen=True)
 class Accounts:
     users: Mapping[str, Mapping[str, str]]
     domains: Mapping[str, tuple[str, ...]]
+    limits: Mapping[str, DomainLimits] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def empty(cls) -> Accounts:
         return cls(users=MappingProxyType({}), domains=MappingProxyType({}))
+
+    def limits_for(self, domain: str) -> DomainLimits:
+        return self.limits.get(domain, NO_LIMITS)
 
     @classmethod
     def from_data(cls, data: Mapping[str, Any]) -> Accounts:
@@ -73,7 +117,10 @@ class Accounts:
             normalize_domain(d): tuple(v.get("users", []))
             for d, v in data.get("domains", {}).items()
         }
-        return cls(users=MappingProxyType(users), domains=MappingProxyType(domains))
+        limits = {normalize_domain(d): DomainLimits.from_data(v)
+                  for d, v in data.get("domains", {}).items()}
+        return cls(users=MappingProxyType(users), domains=MappingProxyType(domains),
+                   limits=MappingProxyType({d: x for d, x in limits.items() if x != NO_LIMITS}))
 
     @classmethod
     def load(cls, path: str | Path) -> Accounts:
@@ -90,7 +137,8 @@ class Accounts:
         return {
             "version": 1,
             "users": {u: dict(v) for u, v in sorted(self.users.items())},
-            "domains": {d: {"users": list(u)} for d, u in sorted(self.domains.items())},
+            "domains": {d: {"users": list(u), **self.limits_for(d).to_data()}
+                        for d, u in sorted(self.domains.items())},
         }
 
     def is_atrn_domain(self, domain: str) -> bool:
@@ -163,8 +211,9 @@ class AccountsFile:
         add_users: Sequence[str] = (),
         remove_users: Sequence[str] = (),
         passwords: Mapping[str, bytes] | None = None,
+        limits: DomainLimits | None = None,
     ) -> None:
-        """Modify an existing ATRN domain's users and/or their passwords."""
+        """Modify an existing ATRN domain's users, their passwords, its limits."""
         domain = normalize_domain(domain)
         with self._locked():
             current = self.read()
@@ -175,7 +224,7 @@ class AccountsFile:
             wanted = list(current.domains[domain]) if users is None else list(users)
             wanted += [u for u in add_users if u not in wanted]
             wanted = [u for u in wanted if u not in remove_users]
-            self._write(self._apply(current, domain, wanted, passwords or {}))
+            self._write(self._apply(current, domain, wanted, passwords or {}, limits))
 
     def remove_domain(self, domain: str) -> None:
         domain = normalize_domain(domain)
@@ -185,13 +234,15 @@ class AccountsFile:
                 raise AccountsError(f"domain {domain} does not exist")
             domains = dict(current.domains)
             del domains[domain]
+            limits = {d: x for d, x in current.limits.items() if d != domain}
             still_used = {u for us in domains.values() for u in us}
             users = {u: v for u, v in current.users.items() if u in still_used}
-            self._write(Accounts(MappingProxyType(users), MappingProxyType(domains)))
+            self._write(Accounts(MappingProxyType(users), MappingProxyType(domains),
+                                 MappingProxyType(limits)))
 
     @staticmethod
     def _apply(current: Accounts, domain: str, users: list[str],
-               passwords: Mapping[str, bytes]) -> Accounts:
+               passwords: Mapping[str, bytes], limits: DomainLimits | None = None) -> Accounts:
         if not users:
             raise AccountsError(f"domain {domain}: at least one user must be able to collect it")
         new_users = {u: dict(v) for u, v in current.users.items()}
@@ -205,6 +256,10 @@ class AccountsFile:
                 raise AccountsError(f"user {user} is new and needs a password")
         domains = dict(current.domains)
         domains[domain] = tuple(users)
+        all_limits = dict(current.limits)
+        if limits is not None:
+            all_limits[domain] = limits
         still_used = {u for us in domains.values() for u in us}
         new_users = {u: v for u, v in new_users.items() if u in still_used}
-        return Accounts(MappingProxyType(new_users), MappingProxyType(domains))
+        return Accounts(MappingProxyType(new_users), MappingProxyType(domains),
+                        MappingProxyType({d: x for d, x in all_limits.items() if x != NO_LIMITS}))

@@ -15,7 +15,7 @@ from typing import TextIO
 import redis.exceptions
 
 from bridge import config, postfix_setup
-from bridge.accounts import AccountsError, AccountsFile, normalize_domain
+from bridge.accounts import AccountsError, AccountsFile, DomainLimits, normalize_domain
 from bridge.daemon import Daemon, redis_client
 from bridge.embedded_redis import EmbeddedRedisError
 from bridge.index import Index, IndexedMessage
@@ -74,10 +74,26 @@ def cmd_domain(args: argparse.Namespace, settings: config.Settings) -> int:
         raise CliError("--password needs --user or --add-user to name whose password")
     passwords = {u: read_password(u, sys.stdin) for u in sorted(need)}
     store.set_domain(args.domain, users=args.user, add_users=args.add_user or [],
-                     remove_users=args.remove_user or [], passwords=passwords)
+                     remove_users=args.remove_user or [], passwords=passwords,
+                     limits=_limits_from(args, store.read().limits_for(
+                         normalize_domain(args.domain))))
     users = store.read().domains.get(args.domain.lower(), ())
     print(f"updated ATRN domain {args.domain}, collected by {', '.join(users)}")
     return 0
+
+
+def _limits_from(args: argparse.Namespace, current: DomainLimits) -> DomainLimits | None:
+    """The domain's limits with the options given applied (0: no limit), or None."""
+    changes: dict[str, object] = {}
+    for name in ("max_messages", "max_bytes", "max_message_size"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value or None
+    if args.recipient:
+        changes["recipients"] = frozenset(r.lower() for r in args.recipient)
+    if args.no_recipient_list:
+        changes["recipients"] = None
+    return dataclasses.replace(current, **changes) if changes else None  # type: ignore[arg-type]
 
 
 def _keep_transport_map_in_step(settings: config.Settings, domain: str, add: bool) -> None:
@@ -162,6 +178,21 @@ async def _reindex(settings: config.Settings) -> int:
 
 # -- wiring ------------------------------------------------------------------
 
+def run_milter(settings: config.Settings) -> int:
+    try:
+        from bridge.milter import serve
+    except ImportError as exc:
+        raise CliError(f"the milter needs pymilter: pip install 'odmr-bridge[milter]' ({exc})") \
+            from None
+    return serve(settings)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odmr-bridge", description=__doc__)
     parser.add_argument("-c", "--config", help="TOML configuration file")
@@ -169,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="run the LMTP intake and the ODMR listener")
     sub.add_parser("reindex", help="rebuild the Redis index from the spool")
+    sub.add_parser("milter", help="run the admission milter (needs pymilter)")
 
     domain = sub.add_parser("domain", help="ATRN domains and who may collect them")
     dsub = domain.add_subparsers(dest="action", required=True)
@@ -184,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     change.add_argument("--remove-user", action="append", help="no longer allow this user")
     change.add_argument("--password", action="store_true",
                         help="set a new password for the users named by --user/--add-user")
+    for option, text in (("--max-messages", "held messages before the milter says 452"),
+                         ("--max-bytes", "held bytes before the milter says 452"),
+                         ("--max-message-size", "bytes per message before the milter says 552")):
+        change.add_argument(option, type=_count, metavar="N", help=f"{text} (0: no limit)")
+    change.add_argument("--recipient", action="append",
+                        help="the domain's only valid recipients (repeatable); others get 550")
+    change.add_argument("--no-recipient-list", action="store_true",
+                        help="accept any recipient of the domain again")
     remove = dsub.add_parser("remove", help="delete an ATRN domain")
     remove.add_argument("domain")
     dsub.add_parser("list", help="list ATRN domains and their users")
@@ -219,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "reindex": lambda: _reindex(settings),
         "domain": lambda: cmd_domain(args, settings),
         "postfix": lambda: cmd_postfix(args, settings),
+        "milter": lambda: run_milter(settings),
         "queue": lambda: _queue_list(settings, args.domain, args.json),
     }
     try:

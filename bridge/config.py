@@ -99,6 +99,14 @@ class PostfixSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MilterSettings:
+    # pymilter socket spec: "inet:PORT@HOST" or "unix:/path".
+    listen: str = "inet:8891@127.0.0.1"
+    # Redis unreachable: "tempfail" (mail waits at the sender) or "accept".
+    on_redis_error: str = "tempfail"
+
+
+@dataclasses.dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
 
@@ -113,6 +121,7 @@ class Settings:
     auth: AuthSettings = AuthSettings()
     accounts: AccountsSettings = AccountsSettings()
     postfix: PostfixSettings = PostfixSettings()
+    milter: MilterSettings = MilterSettings()
     log: LogSettings = LogSettings()
 
 
@@ -175,6 +184,9 @@ def _validate(settings: Settings) -> None:
                          ("auth.failure_window", settings.auth.failure_window)):
         if number <= 0:
             raise ConfigError(f"{name}: must be positive, got {number!r}")
+    if settings.milter.on_redis_error not in ("tempfail", "accept"):
+        raise ConfigError("milter.on_redis_error: expected 'tempfail' or 'accept', "
+                          f"got {settings.milter.on_redis_error!r}")
     tls = settings.tls
     if bool(tls.cert_file) != bool(tls.key_file):
         raise ConfigError("tls.cert_file and tls.key_file: set both or neither")
