@@ -22,6 +22,7 @@ from bridge.index import Index, IndexedMessage
 from bridge.logs import setup as setup_logging
 from bridge.queue import HoldQueue
 from bridge.spool import Spool
+from bridge.systemd import ActivationError
 from bridge.transport_map import TransportMap, map_path, reload_postfix
 
 EXIT_USAGE = 2
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(result, int):
             result = asyncio.run(result)  # type: ignore[arg-type]
         return result
-    except (CliError, AccountsError, EmbeddedRedisError) as exc:
+    except (CliError, AccountsError, EmbeddedRedisError, ActivationError) as exc:
         print(f"odmr-bridge: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (ConnectionError, redis.exceptions.ConnectionError) as exc:

@@ -250,10 +250,18 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> S
     return build(data, env)
 
 
-def parse_listen(value: str) -> tuple[str, int] | str:
-    """``host:port`` -> (host, port); an absolute path -> a unix socket path."""
+@dataclasses.dataclass(frozen=True)
+class SystemdSocket:
+    name: str
+
+
+def parse_listen(value: str) -> tuple[str, int] | str | SystemdSocket:
+    """``host:port`` -> (host, port); an absolute path -> a unix socket path;
+    ``systemd:NAME`` -> the socket systemd passes under that name."""
     if value.startswith("/"):
         return value
+    if value.startswith("systemd:") and len(value) > len("systemd:"):
+        return SystemdSocket(value[len("systemd:"):])
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected host:port or an absolute socket path, got {value!r}")

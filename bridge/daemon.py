@@ -20,8 +20,9 @@ from ssl import SSLContext
 import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP
 
+from bridge import systemd
 from bridge.accounts import Accounts
-from bridge.config import Settings, parse_listen
+from bridge.config import Settings, SystemdSocket, parse_listen
 from bridge.embedded_redis import EmbeddedRedis, url_for
 from bridge.index import Index
 from bridge.lmtp import IntakeHandler, IntakeServer
@@ -50,6 +51,9 @@ async def listen(factory: Callable[[], SMTP], where: str,
                  ssl: SSLContext | None = None) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     target = parse_listen(where)
+    if isinstance(target, SystemdSocket):
+        return await loop.create_server(factory, sock=systemd.take(target.name), ssl=ssl,
+                                        backlog=1024)
     if isinstance(target, str):
         Path(target).unlink(missing_ok=True)
         return await loop.create_unix_server(factory, target, ssl=ssl)

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from bridge.accounts import AccountsError, normalize_domain
-from bridge.config import Settings, parse_listen
+from bridge.config import Settings, SystemdSocket, parse_listen
 
 _ENTRY = re.compile(r"^(?P<key>\S+)\s+(?P<value>\S.*?)\s*$")
 
@@ -21,6 +21,8 @@ _ENTRY = re.compile(r"^(?P<key>\S+)\s+(?P<value>\S.*?)\s*$")
 def nexthop(settings: Settings) -> str:
     """The transport map value that routes a domain to this bridge."""
     target = parse_listen(settings.lmtp.listen)
+    if isinstance(target, SystemdSocket):
+        raise AccountsError("lmtp.listen is a systemd socket: write the transport map by hand")
     if isinstance(target, str):
         return f"{settings.postfix.transport}:unix:{target}"
     host, port = target

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import redis
 
 from bridge.accounts import AccountsFile
-from tests.peers import Bridge, RedisServer, wait_for
-from tests.wire import lmtp_send
+from tests.conftest import CUSTOMER
+from tests.peers import ROOT, Bridge, RedisServer, port_open, wait_for
+from tests.wire import Wire, lmtp_send
 
 BODY = b"Subject: t\r\n\r\nhello\r\n"
 
@@ -76,3 +80,37 @@ def test_unknown_setting_stops_start_up_naming_it(tmp_path: Path) -> None:
     result = b.cli("serve", check=False)
     assert result.returncode == 2
     assert "ODMR_BRIDGE_ODMR_LISTNE" in result.stderr
+
+
+def test_port_366_can_come_from_systemd_socket_activation(tmp_path: Path, redis_url: str) -> None:
+    """As with deploy/odmr-bridge.socket: systemd binds, the unprivileged daemon serves."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    b = Bridge(tmp_path / "b", redis_url, extra_env={"ODMR_BRIDGE_ODMR_LISTEN": "systemd:odmr"})
+    b.add_domain("atrn.example", *CUSTOMER)
+    # What systemd does between fork and exec: the socket at fd 3, LISTEN_* set.
+    launcher = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', "
+                "LISTEN_FDNAMES='odmr'); "
+                "os.execv(sys.executable, [sys.executable, '-m', 'bridge', 'serve'])")
+    with open(b.log, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-c", launcher, str(listener.fileno())],
+                                   env=b.env, cwd=ROOT, stdout=log, stderr=log,
+                                   pass_fds=(listener.fileno(),))
+    listener.close()
+    try:
+        wait_for(lambda: port_open(b.lmtp_port), what="the bridge")
+        w = Wire(port)
+        w.login(*CUSTOMER)
+        assert w.command("ATRN atrn.example")[0] == 453
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
+
+
+def test_a_missing_systemd_socket_stops_start_up_with_a_clear_error(tmp_path: Path,
+                                                                    redis_url: str) -> None:
+    b = Bridge(tmp_path / "b", redis_url, extra_env={"ODMR_BRIDGE_ODMR_LISTEN": "systemd:odmr"})
+    result = b.cli("serve", check=False)
+    assert result.returncode == 1
+    assert "no socket named 'odmr' from systemd" in result.stderr
