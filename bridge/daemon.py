@@ -133,10 +133,12 @@ class Daemon:
         settings = self.settings
         name = hostname(settings)
 
-        def is_atrn_domain(domain: str) -> bool:
-            return domain in transport_domains() or accounts().is_atrn_domain(domain)
+        def atrn_domains() -> Callable[[str], bool]:
+            """The ATRN domains as of now (a snapshot for one connection)."""
+            in_map, in_file = transport_domains(), accounts()
+            return lambda domain: domain in in_map or in_file.is_atrn_domain(domain)
 
-        intake = IntakeHandler(queue, is_atrn_domain)
+        intake = IntakeHandler(queue, atrn_domains)
         tls_context = server_context(settings.tls)
         throttle = AuthThrottle(queue.index.redis, ThrottlePolicy(
             settings.auth.max_failures, settings.auth.failure_window, settings.auth.failure_delay))

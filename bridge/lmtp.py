@@ -45,9 +45,11 @@ def recipient_domain(address: str) -> str | None:
 class IntakeHandler:
     """aiosmtpd hooks: admit recipients of ATRN domains, commit at end of DATA."""
 
-    def __init__(self, queue: HoldQueue, is_atrn_domain: Callable[[str], bool]) -> None:
+    def __init__(self, queue: HoldQueue,
+                 atrn_domains: Callable[[], Callable[[str], bool]]) -> None:
         self.queue = queue
-        self.is_atrn_domain = is_atrn_domain
+        # Called once per connection: a connection keeps the domains it started with.
+        self.atrn_domains = atrn_domains
 
     async def handle_EHLO(self, server: LMTP, session: Session, envelope: SmtpEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -68,7 +70,7 @@ class IntakeHandler:
         domain = recipient_domain(address)
         if domain is None:
             return replies.RCPT_BAD_ADDRESS.format(rcpt=address)
-        if not self.is_atrn_domain(domain):
+        if not server.is_atrn_domain(domain):
             log.info("reject: RCPT to=<%s>: domain %s is not an ATRN domain", address, domain)
             return replies.RCPT_NOT_ATRN_DOMAIN.format(rcpt=address)
         envelope.rcpt_tos.append(address)
@@ -118,6 +120,7 @@ class IntakeServer(LMTP):
 
     def __init__(self, handler: IntakeHandler, **kwargs: Any) -> None:
         super().__init__(handler, enable_SMTPUTF8=True, **kwargs)
+        self.is_atrn_domain = handler.atrn_domains()
         self._recipients_in_data = 0
         self._fan_out = 0
         # DSN parameters of the current transaction, kept out of aiosmtpd's

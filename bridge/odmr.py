@@ -93,7 +93,9 @@ class OdmrServer(SaslMixin):
         # Set before aiosmtpd's __init__, which inspects every attribute.
         self.context = context
         self.tls_on_connect = tls_on_connect
-        self.accounts = context.accounts
+        # A session keeps the customers and domains it started with.
+        snapshot = context.accounts()
+        self.accounts = lambda: snapshot
         self.throttle = context.throttle
         self.require_tls = context.require_tls
         self.user = None
@@ -204,7 +206,7 @@ class OdmrServer(SaslMixin):
         if not session.authenticated or self.user is None:
             await self.push(replies.AUTH_REQUIRED)
             return
-        accounts = self.context.accounts()
+        accounts = self.accounts()
         try:
             asked = parse_atrn_argument(arg)
         except AccountsError:

@@ -114,3 +114,14 @@ def test_a_missing_systemd_socket_stops_start_up_with_a_clear_error(tmp_path: Pa
     result = b.cli("serve", check=False)
     assert result.returncode == 1
     assert "no socket named 'odmr' from systemd" in result.stderr
+
+
+def test_a_session_keeps_the_configuration_it_started_with(bridge: Bridge) -> None:
+    before = Wire(bridge.odmr_port)
+    before.login(*CUSTOMER)
+    AccountsFile(bridge.accounts).set_domain("atrn.example", users=["other"])
+    wait_for(lambda: "reloaded" in bridge.log_text(), timeout=5, what="the reload")
+    after = Wire(bridge.odmr_port)
+    after.login(*CUSTOMER)
+    assert after.command("ATRN atrn.example")[0] == 450  # the new rules
+    assert before.command("ATRN atrn.example")[0] == 453  # the rules it started with

@@ -25,9 +25,10 @@ pytestmark = pytest.mark.e2e
 
 
 class MilterProcess:
-    def __init__(self, bridge: Bridge) -> None:
+    def __init__(self, bridge: Bridge, **env: str) -> None:
         self.port = free_port()
-        self.env = {**bridge.env, "ODMR_BRIDGE_MILTER_LISTEN": f"inet:{self.port}@127.0.0.1"}
+        self.env = {**bridge.env, "ODMR_BRIDGE_MILTER_LISTEN": f"inet:{self.port}@127.0.0.1",
+                    **env}
         self.log = bridge.directory / "milter.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -121,3 +122,21 @@ def test_milter_down_means_tempfail_not_acceptance(
     assert code is not None and 400 <= code < 500, failed.value
     assert bridge.held() == []
     assert CUSTOMER[1] not in milter.log.read_text()
+
+
+def test_redis_unreachable_means_tempfail_for_atrn_domains(setup: Setup) -> None:
+    bridge, _, postfix, sink = setup
+    blind = MilterProcess(bridge, ODMR_BRIDGE_REDIS_URL="unix:///nonexistent/redis.sock")
+    blind.start()
+    try:
+        postfix.postconf("-e", f"smtpd_milters = inet:127.0.0.1:{blind.port}")
+        subprocess.run(["postfix", "-c", str(postfix.etc), "reload"], check=True,
+                       capture_output=True)
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            send(postfix, "a@atrn.example")
+        code, text = refused.value.recipients["a@atrn.example"]
+        assert code == 451 and text.startswith(b"4.3.0")
+        send(postfix, "x@other.example")  # other domains still pass
+        wait_for(lambda: len(sink.messages) == 1, timeout=30, what="other.example")
+    finally:
+        blind.stop()
