@@ -99,7 +99,6 @@ class OdmrServer(SaslMixin):
         self.throttle = context.throttle
         self.require_tls = context.require_tls
         self.user = None
-        self._failed_user = None
         self._errors = 0
         self._atrn_task: asyncio.Task[None] | None = None
         super().__init__(

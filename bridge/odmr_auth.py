@@ -38,7 +38,6 @@ class SaslMixin(SMTP):
     throttle: AuthThrottle
     require_tls: bool
     user: str | None
-    _failed_user: str | None
 
     # Provided by OdmrServer.
     @property
@@ -81,13 +80,7 @@ class SaslMixin(SMTP):
             if await self._throttled(None):
                 return
             arg = " ".join([mechanism, *words[1:]])
-        self._failed_user = None
         await super().smtp_AUTH(arg)
-        if self._failed_user is not None:
-            try:
-                await self.throttle.failed(self.client_address, self._failed_user)
-            except redis.exceptions.RedisError as exc:
-                log.error("%s: cannot count AUTH failure: %s", self.client, exc)
 
     async def _throttled(self, user: str | None) -> bool:
         """True (after the delay and a 454) when this address or user is throttled."""
@@ -104,14 +97,18 @@ class SaslMixin(SMTP):
             await self.push(replies.AUTH_THROTTLED)
         return blocked
 
-    def _verdict(self, mechanism: str, user: str, ok: bool) -> AuthResult:
+    async def _verdict(self, mechanism: str, user: str, ok: bool) -> AuthResult:
         if ok:
             self.user = user
             log.info("%s: sasl_method=%s, sasl_username=%s", self.client, mechanism, user)
             return AuthResult(success=True, auth_data=user)
-        self._failed_user = user
         log.warning("%s: SASL %s authentication failed, sasl_username=%s", self.client,
                     mechanism, user[:64])
+        # Counted before the 535 goes out, so the client's next try sees it.
+        try:
+            await self.throttle.failed(self.client_address, user)
+        except redis.exceptions.RedisError as exc:
+            log.error("%s: cannot count AUTH failure: %s", self.client, exc)
         return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
 
     async def _initial_or_challenge(self, args: list[str], challenge: bytes) -> bytes | None:
@@ -141,7 +138,7 @@ class SaslMixin(SMTP):
             return AuthResult(success=False, handled=True)
         stored = self.accounts().credential(user, "cram-md5")
         ok = stored is not None and cram.verify(stored, challenge, digest)
-        return self._verdict("CRAM-MD5", user, ok)
+        return await self._verdict("CRAM-MD5", user, ok)
 
     async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
         blob = await self._initial_or_challenge(args, b"")
@@ -155,7 +152,7 @@ class SaslMixin(SMTP):
         if await self._throttled(user):
             return AuthResult(success=False, handled=True)
         ok = authzid in (b"", login) and self._password_ok(user, password)
-        return self._verdict("PLAIN", user, ok)
+        return await self._verdict("PLAIN", user, ok)
 
     async def auth_LOGIN(self, _: object, args: list[str]) -> AuthResult:
         login = await self._initial_or_challenge(args, b"Username:")
@@ -167,7 +164,7 @@ class SaslMixin(SMTP):
             return AuthResult(success=False, handled=True)
         if await self._throttled(user):
             return AuthResult(success=False, handled=True)
-        return self._verdict("LOGIN", user, self._password_ok(user, bytes(password)))
+        return await self._verdict("LOGIN", user, self._password_ok(user, bytes(password)))
 
     def _password_ok(self, user: str, password: bytes) -> bool:
         return sasl.check_password(self.accounts().credentials(user), password)
@@ -190,7 +187,7 @@ class SaslMixin(SMTP):
         try:
             server.set_client_first(first.decode("utf-8"))
         except (scramp.ScramException, UnicodeDecodeError, ValueError):
-            return self._scram_failed(seen)
+            return await self._scram_failed(seen)
         user = seen.get("user", "")
         if await self._throttled(user):
             return AuthResult(success=False, handled=True)
@@ -200,12 +197,12 @@ class SaslMixin(SMTP):
         try:
             server.set_client_final(bytes(final).decode("utf-8"))
         except (scramp.ScramException, UnicodeDecodeError, ValueError):
-            return self._scram_failed(seen)
+            return await self._scram_failed(seen)
         # RFC 4954: the server's final message goes in a 334; the client answers empty.
         ack = await self.challenge_auth(server.get_server_final().encode())
         if ack is MISSING:
             return AuthResult(success=False, handled=True)
-        return self._verdict(sasl.SCRAM, user, True)
+        return await self._verdict(sasl.SCRAM, user, True)
 
-    def _scram_failed(self, seen: Mapping[str, Any]) -> AuthResult:
-        return self._verdict(sasl.SCRAM, str(seen.get("user", "")), False)
+    async def _scram_failed(self, seen: Mapping[str, Any]) -> AuthResult:
+        return await self._verdict(sasl.SCRAM, str(seen.get("user", "")), False)

@@ -1,9 +1,10 @@
 """The server TLS context: certificate and key from config, reloaded on change.
 
-One ``SSLContext`` serves STARTTLS and the TLS-on-connect listener.  Calling
-``load_cert_chain`` again on the same context makes new handshakes use the
-new files, so a renewed certificate needs no restart; a broken pair keeps
-the old one and logs why.
+One ``SSLContext`` is handed to STARTTLS and the TLS-on-connect listener and
+never changed.  Its SNI callback (called for every ClientHello, with or
+without SNI) points each new handshake at the current context; a renewed
+certificate is loaded into a fresh context and swapped in whole, so no
+handshake ever sees a half-loaded pair.  A broken pair keeps the old one.
 """
 
 from __future__ import annotations
@@ -28,21 +29,26 @@ def server_context(settings: TlsSettings) -> ssl.SSLContext | None:
 
 
 class CertificateReloader:
-    """Watches the certificate and key files and reloads them into *context*."""
+    """Watches the certificate and key files; new handshakes use the newest good pair."""
 
     def __init__(self, context: ssl.SSLContext, settings: TlsSettings) -> None:
-        self.context = context
         self.settings = settings
+        self.current = context
+        context.sni_callback = self._select
         self._watches = [Reloading(path, self._load) for path in
                          dict.fromkeys((settings.cert_file, settings.key_file))]
 
+    def _select(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                context: ssl.SSLContext) -> None:
+        if self.current is not context:
+            connection.context = self.current
+
     def _load(self, _: Path) -> None:
-        # Try the pair on a scratch context first: a failed load_cert_chain can
-        # leave a context with the new certificate and the old key.  While the
-        # files are being rewritten (one, then the other) the pair does not
-        # match; the later event loads it.
-        server_context(self.settings)
-        self.context.load_cert_chain(self.settings.cert_file, self.settings.key_file)
+        # While the files are being rewritten (one, then the other) the pair
+        # may not match: that raises, the old context stays, a later event loads.
+        fresh = server_context(self.settings)
+        if fresh is not None:
+            self.current = fresh
 
     def start(self) -> None:
         for watch in self._watches:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,14 @@ def test_listen_forms() -> None:
     assert parse_listen("127.0.0.1:10025") == ("127.0.0.1", 10025)
     assert parse_listen("[::1]:366") == ("::1", 366)
     assert parse_listen("/run/odmr/lmtp.sock") == "/run/odmr/lmtp.sock"
+
+
+def test_the_shipped_example_config_is_valid_and_complete() -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy" / "odmr-bridge.toml"
+    settings = load(str(example), {})
+    assert settings == build({}, {})  # it spells out exactly the defaults
+    import tomllib
+    data = tomllib.loads(example.read_text())
+    for section in dataclasses.fields(settings):
+        keys = {f.name for f in dataclasses.fields(getattr(settings, section.name))}
+        assert set(data[section.name]) == keys, section.name
