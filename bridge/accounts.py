@@ -54,6 +54,17 @@ def normalize_domain(raw: str) -> str:
     return ascii_name
 
 
+def recipient_domain(address: str) -> str | None:
+    """The normalised domain of ``local@domain``, or None if it has none."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        return None
+    try:
+        return normalize_domain(domain)
+    except AccountsError:
+        return None
+
+
 def check_user(user: str) -> str:
     if not _USER.match(user):
         raise AccountsError(f"{user!r}: user names are 1-128 of A-Z a-z 0-9 . _ @ + -")

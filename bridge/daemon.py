@@ -32,7 +32,7 @@ from bridge.relay import Timeouts
 from bridge.spool import Spool
 from bridge.throttle import AuthThrottle, ThrottlePolicy
 from bridge.tls import CertificateReloader, server_context
-from bridge.transport_map import map_path, read_atrn_domains
+from bridge.transport_map import watched_atrn_domains
 from bridge.watch import Reloading
 
 log = logging.getLogger("bridge.daemon")
@@ -113,10 +113,7 @@ class Daemon:
                      report.messages, report.domains, report.corrupt)
             accounts = Reloading(settings.accounts.file, Accounts.load)
             accounts.start()
-            transport = settings.postfix.transport
-            transport_domains = Reloading(map_path(settings),
-                                          lambda path: read_atrn_domains(path, transport))
-            transport_domains.start(create_parent=False)
+            transport_domains = watched_atrn_domains(settings)
             await self._serve(queue, accounts, transport_domains)
         finally:
             for watched in (accounts, transport_domains):

@@ -19,7 +19,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
 from bridge import replies
-from bridge.accounts import AccountsError, normalize_domain
+from bridge.accounts import recipient_domain
 from bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
 from bridge.queue import HoldQueue
 from bridge.spool import Recipient
@@ -30,16 +30,6 @@ log = logging.getLogger("bridge.lmtp")
 _KEPT_MAIL_OPTIONS = ("BODY=", "SMTPUTF8", "RET=", "ENVID=")
 # local@domain with no quoting, comments, routes or spaces; or empty (null sender).
 _PLAIN_ADDRESS = re.compile(r"(?:[^\s<>()\[\]\\\",;:@]+@[^\s<>()\[\]\\\",;:@]+)?")
-
-
-def recipient_domain(address: str) -> str | None:
-    local, at, domain = address.rpartition("@")
-    if not at or not local:
-        return None
-    try:
-        return normalize_domain(domain)
-    except AccountsError:
-        return None
 
 
 class IntakeHandler:
@@ -129,25 +119,28 @@ class IntakeServer(LMTP):
         self.pending_rcpt_dsn: list[str] = []
         self.recipient_dsn: list[list[str]] = []
 
+    async def _without_dsn(self, arg: str | None,
+                           names: tuple[str, ...]) -> tuple[str | None, list[str]] | None:
+        """Split DSN parameters off *arg*; None (after a 501) if they are malformed."""
+        if not arg:
+            return arg, []
+        try:
+            return split_parameters(arg, names)
+        except DsnSyntaxError as exc:
+            await self.push(f"501 5.5.4 Syntax error in parameters: {exc}")
+            return None
+
     async def smtp_MAIL(self, arg: str | None) -> None:
         self.mail_dsn, self.recipient_dsn = [], []
-        if arg:
-            try:
-                arg, self.mail_dsn = split_parameters(arg, MAIL_PARAMETERS)
-            except DsnSyntaxError as exc:
-                await self.push(f"501 5.5.4 Syntax error in parameters: {exc}")
-                return
-        await super().smtp_MAIL(arg)
+        if (split := await self._without_dsn(arg, MAIL_PARAMETERS)) is not None:
+            arg, self.mail_dsn = split
+            await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         self.pending_rcpt_dsn = []
-        if arg:
-            try:
-                arg, self.pending_rcpt_dsn = split_parameters(arg, RCPT_PARAMETERS)
-            except DsnSyntaxError as exc:
-                await self.push(f"501 5.5.4 Syntax error in parameters: {exc}")
-                return
-        await super().smtp_RCPT(arg)
+        if (split := await self._without_dsn(arg, RCPT_PARAMETERS)) is not None:
+            arg, self.pending_rcpt_dsn = split
+            await super().smtp_RCPT(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """``<local@domain> params`` without the RFC 5322 parser when it is plain.

@@ -27,10 +27,10 @@ import Milter
 import redis
 
 from bridge import keys
-from bridge.accounts import Accounts, AccountsError, DomainLimits, normalize_domain
+from bridge.accounts import Accounts, DomainLimits, recipient_domain
 from bridge.config import Settings
 from bridge.embedded_redis import url_for
-from bridge.transport_map import map_path, read_atrn_domains
+from bridge.transport_map import watched_atrn_domains
 from bridge.watch import Reloading
 
 log = logging.getLogger("bridge.milter")
@@ -59,16 +59,6 @@ class Policy:
         return int(stats.get(b"messages", 0)), int(stats.get(b"bytes", 0))
 
 
-def _domain_of(address: str) -> str | None:
-    local, at, domain = address.strip("<>").rpartition("@")
-    if not at or not local:
-        return None
-    try:
-        return normalize_domain(domain)
-    except AccountsError:
-        return None
-
-
 class AdmissionMilter(Milter.Base):  # type: ignore[misc]
     policy: Policy  # set by serve()
 
@@ -84,7 +74,7 @@ class AdmissionMilter(Milter.Base):  # type: ignore[misc]
         return Milter.CONTINUE
 
     def envrcpt(self, to: str, *params: str) -> Any:
-        domain = _domain_of(to)
+        domain = recipient_domain(to.strip("<>"))
         limits = None if domain is None else self.policy.atrn_limits(domain)
         if domain is None or limits is None:
             return Milter.CONTINUE
@@ -136,10 +126,7 @@ def serve(settings: Settings) -> int:
     """Run the milter until SIGTERM (pymilter's runmilter)."""
     accounts = Reloading(settings.accounts.file, Accounts.load)
     accounts.start()
-    transport = settings.postfix.transport
-    transport_domains = Reloading(map_path(settings),
-                                  lambda path: read_atrn_domains(path, transport))
-    transport_domains.start(create_parent=False)
+    transport_domains = watched_atrn_domains(settings)
     client = redis.Redis.from_url(settings.redis.url or url_for(settings.spool.dir),
                                   socket_timeout=5, socket_connect_timeout=5)
     AdmissionMilter.policy = Policy(accounts, transport_domains, client,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bridge.accounts import AccountsError, normalize_domain
 from bridge.config import Settings, SystemdSocket, parse_listen
+from bridge.watch import Reloading
 
 _ENTRY = re.compile(r"^(?P<key>\S+)\s+(?P<value>\S.*?)\s*$")
 
@@ -53,6 +54,14 @@ def read_atrn_domains(path: Path, transport: str) -> frozenset[str]:
         except AccountsError:
             continue  # wildcards like ".example.com" are Postfix's business
     return frozenset(found)
+
+
+def watched_atrn_domains(settings: Settings) -> Reloading[frozenset[str]]:
+    """The transport map's ATRN domains, reloaded when the file changes (started)."""
+    transport = settings.postfix.transport
+    domains = Reloading(map_path(settings), lambda path: read_atrn_domains(path, transport))
+    domains.start(create_parent=False)  # never create the MTA's config directory
+    return domains
 
 
 class TransportMap:
