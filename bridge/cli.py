@@ -14,7 +14,7 @@ from typing import TextIO
 
 import redis.exceptions
 
-from bridge import config, postfix_setup
+from bridge import config, postfix_setup, queue_tools
 from bridge.accounts import AccountsError, AccountsFile, DomainLimits, normalize_domain
 from bridge.daemon import Daemon, redis_client
 from bridge.embedded_redis import EmbeddedRedisError
@@ -166,6 +166,30 @@ async def _queue_list(settings: config.Settings, domain: str | None, as_json: bo
     return 0
 
 
+async def _queue_tool(settings: config.Settings, args: argparse.Namespace) -> int:
+    client = redis_client(settings)
+    queue = HoldQueue(Spool(settings.spool.dir), Index(client))
+    try:
+        if args.action == "show":
+            sys.stdout.buffer.write(queue_tools.show(queue, args.qid))
+        elif args.action == "delete":
+            qids = list(args.qid)
+            if args.domain:
+                qids += await queue.index.queued_ids(normalize_domain(args.domain))
+            if not qids:
+                raise CliError("nothing to delete: name queue IDs or --domain")
+            for qid in await queue_tools.delete(queue, qids):
+                print(f"{qid}: removed")
+        elif args.action == "summary":
+            messages: list[IndexedMessage] = []
+            for domain in await queue.index.domains():
+                messages.extend(await queue.index.messages(domain))
+            print(queue_tools.summary(messages))
+    finally:
+        await client.aclose()
+    return 0
+
+
 async def _reindex(settings: config.Settings) -> int:
     client = redis_client(settings)
     try:
@@ -244,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     qlist = qsub.add_parser("list", help="list held mail, like postqueue -p")
     qlist.add_argument("domain", nargs="?")
     qlist.add_argument("--json", action="store_true", help="one JSON array")
+    qshow = qsub.add_parser("show", help="one message: envelope, recipients, content (postcat)")
+    qshow.add_argument("qid")
+    qdelete = qsub.add_parser("delete", help="remove held messages (postsuper -d)")
+    qdelete.add_argument("qid", nargs="*")
+    qdelete.add_argument("--domain", help="every message held for this domain")
+    qsub.add_parser("summary", help="held messages by domain and age in minutes (qshape)")
     return parser
 
 
@@ -261,14 +291,16 @@ def main(argv: list[str] | None = None) -> int:
         "domain": lambda: cmd_domain(args, settings),
         "postfix": lambda: cmd_postfix(args, settings),
         "milter": lambda: run_milter(settings),
-        "queue": lambda: _queue_list(settings, args.domain, args.json),
+        "queue": lambda: (_queue_list(settings, args.domain, args.json)
+                          if args.action == "list" else _queue_tool(settings, args)),
     }
     try:
         result = runners[args.command]()
         if not isinstance(result, int):
             result = asyncio.run(result)  # type: ignore[arg-type]
         return result
-    except (CliError, AccountsError, EmbeddedRedisError, ActivationError) as exc:
+    except (CliError, AccountsError, EmbeddedRedisError, ActivationError,
+            queue_tools.QueueToolError) as exc:
         print(f"odmr-bridge: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (ConnectionError, redis.exceptions.ConnectionError) as exc:

@@ -1,0 +1,74 @@
+"""`odmr-bridge queue show|delete|summary`: postcat, postsuper -d and qshape habits."""
+
+from __future__ import annotations
+
+from bridge.index import IndexedMessage
+from bridge.queue_tools import summary
+from tests.conftest import CUSTOMER
+from tests.peers import Bridge
+from tests.wire import Wire, lmtp_send
+
+BODY = b"Subject: shown\r\n\r\n.dot line\r\n"
+
+
+def test_show_prints_envelope_states_and_content(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example", "b@atrn.example"], BODY,
+              rcpt_options="NOTIFY=FAILURE")
+    [msg] = bridge.held()
+    out = bridge.cli("queue", "show", msg["queue_id"]).stdout
+    assert f"*** ENVELOPE RECORDS {msg['queue_id']} ***" in out
+    assert "sender: s@x.test" in out
+    assert "recipient: a@atrn.example NOTIFY=FAILURE [pending]" in out
+    # (the CLI helper reads text, so CRLF arrives as LF)
+    assert out.endswith(BODY.decode().replace("\r\n", "\n") + "*** END OF MESSAGE ***\n")
+
+
+def test_unknown_or_malformed_ids_get_a_clear_error(bridge: Bridge) -> None:
+    for qid, text in (("25XQYNF0NHQW54RM", "no such message"), ("../etc", "not a queue ID")):
+        for action in ("show", "delete"):
+            result = bridge.cli("queue", action, qid, check=False)
+            assert result.returncode == 1 and text in result.stderr, (action, result.stderr)
+
+
+def test_delete_removes_from_spool_and_index(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY)
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["c@second.example"], BODY)
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["d@second.example"], BODY)
+    first = bridge.held("atrn.example")[0]["queue_id"]
+    assert bridge.cli("queue", "delete", first).stdout == f"{first}: removed\n"
+    assert bridge.held("atrn.example") == []
+    assert not (bridge.spool / "deferred" / first).exists()
+    out = bridge.cli("queue", "delete", "--domain", "second.example").stdout
+    assert out.count(": removed") == 2
+    assert bridge.held() == []
+
+
+def test_delete_refuses_while_the_domain_is_being_collected(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY)
+    w = Wire(bridge.odmr_port)
+    w.login(*CUSTOMER)
+    assert w.command("ATRN atrn.example")[0] == 250
+    result = bridge.cli("queue", "delete", "--domain", "atrn.example", check=False)
+    assert result.returncode == 1 and "being collected" in result.stderr
+    assert len(bridge.held("atrn.example")) == 1
+
+
+def test_summary_counts_domains_by_age_like_qshape() -> None:
+    now = 100_000.0
+    messages = [IndexedMessage(f"Q{i}", d, now - age * 60, 10, "s", [])
+                for i, (d, age) in enumerate([("a.example", 1), ("a.example", 30),
+                                              ("b.example", 2000)])]
+    lines = summary(messages, now=now).splitlines()
+    assert lines[0].split() == ["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280",
+                                "1280+"]
+    assert lines[1].split() == ["TOTAL", "3", "1", "0", "0", "1", "0", "0", "0", "0", "0", "1"]
+    assert lines[2].split() == ["a.example", "2", "1", "0", "0", "1", "0", "0", "0", "0", "0",
+                                "0"]
+    assert lines[3].split()[:2] == ["b.example", "1"]
+
+
+def test_summary_command_runs_against_the_index(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY)
+    out = bridge.cli("queue", "summary").stdout.splitlines()
+    assert out[1].split()[:3] == ["TOTAL", "1", "1"]
+    assert out[2].split()[:2] == ["atrn.example", "1"]
