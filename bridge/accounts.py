@@ -121,15 +121,23 @@ class Accounts:
 
     @classmethod
     def from_data(cls, data: Mapping[str, Any]) -> Accounts:
-        if data.get("version") != 1:
+        """Parse the file's JSON; anything malformed is an AccountsError."""
+        try:
+            return cls._from_data(data)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise AccountsError(f"malformed accounts data: {type(exc).__name__}: {exc}") \
+                from None
+
+    @classmethod
+    def _from_data(cls, data: Mapping[str, Any]) -> Accounts:
+        if not isinstance(data, Mapping) or data.get("version") != 1:
             raise AccountsError("unsupported accounts file version")
-        users = {check_user(u): dict(v) for u, v in data.get("users", {}).items()}
-        domains = {
-            normalize_domain(d): tuple(v.get("users", []))
-            for d, v in data.get("domains", {}).items()
-        }
-        limits = {normalize_domain(d): DomainLimits.from_data(v)
-                  for d, v in data.get("domains", {}).items()}
+        users = {check_user(u): {str(k): str(v) for k, v in dict(creds).items()}
+                 for u, creds in dict(data.get("users", {})).items()}
+        entries = dict(data.get("domains", {}))
+        domains = {normalize_domain(d): tuple(str(u) for u in v.get("users", []))
+                   for d, v in entries.items()}
+        limits = {normalize_domain(d): DomainLimits.from_data(v) for d, v in entries.items()}
         return cls(users=MappingProxyType(users), domains=MappingProxyType(domains),
                    limits=MappingProxyType({d: x for d, x in limits.items() if x != NO_LIMITS}))
 
@@ -141,7 +149,7 @@ class Accounts:
             return cls.empty()
         try:
             return cls.from_data(json.loads(text))
-        except (ValueError, AttributeError) as exc:
+        except (ValueError, AccountsError) as exc:
             raise AccountsError(f"{path}: {exc}") from None
 
     def to_data(self) -> dict[str, Any]:

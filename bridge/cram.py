@@ -90,4 +90,5 @@ def verify(stored: str, challenge: bytes, response_hex: str) -> bool:
         expected = digest(stored, challenge)
     except ValueError:
         return False
-    return hmac.compare_digest(expected, response_hex.lower())
+    # As bytes: compare_digest refuses str with non-ASCII characters.
+    return hmac.compare_digest(expected.encode(), response_hex.lower().encode("utf-8", "replace"))
