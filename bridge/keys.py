@@ -33,10 +33,6 @@ def message(domain: str, qid: str) -> str:
     return f"{_tag(domain)}:msg:{qid}"
 
 
-def message_prefix(domain: str) -> str:
-    return f"{_tag(domain)}:msg:"
-
-
 def stats(domain: str) -> str:
     return f"{_tag(domain)}:stats"
 
