@@ -8,9 +8,10 @@ import hmac
 import os
 import re
 import socket
+import subprocess
 from pathlib import Path
 
-from tests.peers import Postfix
+from tests.peers import Postfix, port_open, wait_for
 
 
 class SentCounter:
@@ -33,6 +34,23 @@ class SentCounter:
             for found in self.pattern.findall(data[:complete]):
                 self.counts[found] = self.counts.get(found, 0) + 1
         return self.counts.get(domain.encode(), 0)
+
+
+def start_smtp_sink(port: int, *, lmtp: bool = False,
+                    backlog: int = 1000) -> subprocess.Popen[bytes]:
+    """Postfix's smtp-sink on 127.0.0.1:port (it insists on -u when run as root)."""
+    as_user = ["-u", "postfix"] if os.geteuid() == 0 else []
+    sink = subprocess.Popen(["smtp-sink", *as_user, *(["-L"] if lmtp else []),
+                             f"127.0.0.1:{port}", str(backlog)])
+    wait_for(lambda: sink.poll() is None and port_open(port), what="smtp-sink")
+    return sink
+
+
+def message_body(subject: str, size: int) -> bytes:
+    """A plain message of about *size* bytes, in 78-octet lines."""
+    head = f"Subject: {subject}\r\n\r\n".encode()
+    line = b"x" * 76 + b"\r\n"
+    return head + line * max(1, (size - len(head)) // len(line))
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
