@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from bridge.leases import LeaseKeeper
 from bridge.odmr_auth import SaslMixin
 from bridge.queue import HoldQueue
 from bridge.relay import Relay, Timeouts
-from bridge.smtp_client import ProtocolError
+from bridge.smtp_client import ProtocolError, is_enhanced_code
 from bridge.throttle import AuthThrottle
 
 log = logging.getLogger("bridge.odmr")
@@ -69,7 +68,6 @@ def parse_atrn_argument(arg: str | None) -> list[str] | None:
 # aiosmtpd's own replies, given enhanced status codes (RFC 3463) on the way out.
 _ENHANCED_DEFAULTS = {"221": "2.0.0", "250": "2.0.0", "500": "5.5.2", "501": "5.5.4",
                       "502": "5.5.1", "503": "5.5.1", "504": "5.5.4"}
-_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}( |$)")
 
 
 def with_enhanced_code(reply: str) -> str:
@@ -80,7 +78,7 @@ def with_enhanced_code(reply: str) -> str:
     if code == "500" and "not recognized" in text:
         return replies.UNRECOGNIZED
     default = _ENHANCED_DEFAULTS.get(code)
-    if default is None or _ENHANCED.match(text):
+    if default is None or is_enhanced_code(text.split(" ", 1)[0]):
         return reply
     return f"{code}{sep or ' '}{default} {text}".rstrip()
 

@@ -17,6 +17,11 @@ _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 MAX_REPLY_LINES = 100
 
 
+def is_enhanced_code(token: str) -> bool:
+    """``5.1.1`` and the like (RFC 3463 class.subject.detail)."""
+    return bool(_ENHANCED.match(token))
+
+
 class ProtocolError(Exception):
     """The peer broke the SMTP reply syntax; the session cannot go on."""
 
@@ -38,7 +43,7 @@ class Reply:
     def dsn(self) -> str:
         """The enhanced status code (RFC 3463), or one derived from the reply class."""
         first = self.lines[0].split(" ", 1)[0] if self.lines else ""
-        if _ENHANCED.match(first) and first[0] == str(self.kind):
+        if is_enhanced_code(first) and first[0] == str(self.kind):
             return first
         return f"{self.kind}.0.0"
 
