@@ -130,7 +130,8 @@ def _format_postqueue(messages: list[IndexedMessage]) -> str:
     total = 0
     for m in messages:
         when = datetime.datetime.fromtimestamp(m.arrival).strftime("%a %b %d %H:%M:%S")
-        out.append(f"{m.qid:<19} {m.size:>8} {when:>20} {m.sender or 'MAILER-DAEMON'}")
+        qid = m.qid + ("!" if m.held else "")  # postqueue's mark for the hold queue
+        out.append(f"{qid:<19} {m.size:>8} {when:>20} {m.sender or 'MAILER-DAEMON'}")
         for address, state in m.recipients:
             mark = "" if state == "pending" else f"  ({state})"
             out.append(f"{'':>50}{address}{mark}")
@@ -156,7 +157,8 @@ async def _queue_list(settings: config.Settings, domain: str | None, as_json: bo
     messages.sort(key=lambda m: m.arrival)
     if as_json:
         print(json.dumps([
-            {"queue_id": m.qid, "domain": m.domain, "arrival_time": m.arrival,
+            {"queue_name": "hold" if m.held else "deferred",
+             "queue_id": m.qid, "domain": m.domain, "arrival_time": m.arrival,
              "message_size": m.size, "sender": m.sender,
              "recipients": [{"address": a, "state": s} for a, s in m.recipients]}
             for m in messages
@@ -172,14 +174,26 @@ async def _queue_tool(settings: config.Settings, args: argparse.Namespace) -> in
     try:
         if args.action == "show":
             sys.stdout.buffer.write(queue_tools.show(queue, args.qid))
-        elif args.action == "delete":
+        elif args.action in ("delete", "hold", "release", "requeue"):
             qids = list(args.qid)
             if args.domain:
-                qids += await queue.index.queued_ids(normalize_domain(args.domain))
+                domain = normalize_domain(args.domain)
+                if args.action != "release":
+                    qids += await queue.index.queued_ids(domain)
+                if args.action != "hold":
+                    qids += await queue.index.held_ids(domain)
             if not qids:
-                raise CliError("nothing to delete: name queue IDs or --domain")
-            for qid in await queue_tools.delete(queue, qids):
-                print(f"{qid}: removed")
+                raise CliError(f"nothing to {args.action}: name queue IDs or --domain")
+            if args.action == "requeue":
+                for old, new in (await queue_tools.requeue(queue, qids)).items():
+                    print(f"{old}: requeued as {new}")
+            else:
+                verb = {"delete": queue_tools.delete, "hold": queue_tools.hold,
+                        "release": queue_tools.release}[args.action]
+                done = {"delete": "removed", "hold": "placed on hold",
+                        "release": "released from hold"}[args.action]
+                for qid in await verb(queue, qids):
+                    print(f"{qid}: {done}")
         elif args.action == "summary":
             messages: list[IndexedMessage] = []
             for domain in await queue.index.domains():
@@ -270,9 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     qlist.add_argument("--json", action="store_true", help="one JSON array")
     qshow = qsub.add_parser("show", help="one message: envelope, recipients, content (postcat)")
     qshow.add_argument("qid")
-    qdelete = qsub.add_parser("delete", help="remove held messages (postsuper -d)")
-    qdelete.add_argument("qid", nargs="*")
-    qdelete.add_argument("--domain", help="every message held for this domain")
+    for action, text in (
+            ("delete", "remove held messages (postsuper -d)"),
+            ("hold", "keep messages from delivery and expiry until released (postsuper -h)"),
+            ("release", "make messages on hold deliverable again (postsuper -H)"),
+            ("requeue", "new queue ID and arrival time: expiry restarts (postsuper -r)")):
+        step = qsub.add_parser(action, help=text)
+        step.add_argument("qid", nargs="*")
+        step.add_argument("--domain", help="every message held for this domain")
     qsub.add_parser("summary", help="held messages by domain and age in minutes (qshape)")
     return parser
 
@@ -284,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"odmr-bridge: configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(settings.log.level)
+    # Like openlog(3), a syslog socket that is not there yet is retried at each line.
+    setup_logging(settings.log.level, settings.log.target, settings.log.syslog_socket)
     runners: dict[str, Callable[[], Awaitable[int] | int]] = {
         "serve": lambda: Daemon(settings).run(),
         "reindex": lambda: _reindex(settings),

@@ -107,8 +107,38 @@ class MilterSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class QueueSettings:
+    # Seconds a message may wait for its customer before it is returned to
+    # the sender (Postfix's maximal_queue_lifetime): 5 days.
+    max_hold: float = 432_000.0
+    # Seconds after which the sender gets one delay warning; 0: none
+    # (Postfix's delay_warning_time).
+    delay_warning: float = 0.0
+    # Seconds between queue passes (expiry, warnings, sending notices).
+    sweep_interval: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BounceSettings:
+    # The host MTA's SMTP service that takes our notices (bounces, delay
+    # warnings) for delivery to senders: "host:port".
+    relay: str = "127.0.0.1:25"
+    # Larger originals are returned as headers only (Postfix's bounce_size_limit).
+    size_limit: int = 50_000
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsSettings:
+    # Prometheus endpoint "host:port" (GET /metrics); empty: none.
+    listen: str = "127.0.0.1:9366"
+
+
+@dataclasses.dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
+    # "stderr" (journald, docker) or "syslog" (facility mail, like Postfix).
+    target: str = "stderr"
+    syslog_socket: str = "/dev/log"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +152,9 @@ class Settings:
     accounts: AccountsSettings = AccountsSettings()
     postfix: PostfixSettings = PostfixSettings()
     milter: MilterSettings = MilterSettings()
+    queue: QueueSettings = QueueSettings()
+    bounce: BounceSettings = BounceSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
 
 
@@ -169,6 +202,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(
             f"log.level: expected one of {sorted(_LOG_LEVELS)}, got {settings.log.level!r}"
         )
+    if settings.log.target not in ("stderr", "syslog"):
+        raise ConfigError(f"log.target: expected 'stderr' or 'syslog', got {settings.log.target!r}")
     listeners = [("lmtp.listen", settings.lmtp.listen), ("odmr.listen", settings.odmr.listen)]
     if settings.odmr.tls_listen:
         listeners.append(("odmr.tls_listen", settings.odmr.tls_listen))
@@ -177,13 +212,27 @@ def _validate(settings: Settings) -> None:
             parse_listen(value)
         except ValueError as exc:
             raise ConfigError(f"{name}: {exc}") from None
+    for name, value in (("bounce.relay", settings.bounce.relay),
+                        ("metrics.listen", settings.metrics.listen)):
+        if name == "metrics.listen" and not value:
+            continue
+        try:
+            parse_host_port(value)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
     for name, number in (("lmtp.max_message_size", settings.lmtp.max_message_size),
                          ("odmr.lease_seconds", settings.odmr.lease_seconds),
                          ("odmr.max_bad_commands", settings.odmr.max_bad_commands),
                          ("auth.max_failures", settings.auth.max_failures),
-                         ("auth.failure_window", settings.auth.failure_window)):
+                         ("auth.failure_window", settings.auth.failure_window),
+                         ("queue.max_hold", settings.queue.max_hold),
+                         ("queue.sweep_interval", settings.queue.sweep_interval),
+                         ("bounce.size_limit", settings.bounce.size_limit)):
         if number <= 0:
             raise ConfigError(f"{name}: must be positive, got {number!r}")
+    if not 0 <= settings.queue.delay_warning < settings.queue.max_hold:
+        raise ConfigError("queue.delay_warning: must be 0 (off) or less than queue.max_hold, "
+                          f"got {settings.queue.delay_warning!r}")
     if settings.milter.on_redis_error not in ("tempfail", "accept"):
         raise ConfigError("milter.on_redis_error: expected 'tempfail' or 'accept', "
                           f"got {settings.milter.on_redis_error!r}")
@@ -253,6 +302,14 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> S
 @dataclasses.dataclass(frozen=True)
 class SystemdSocket:
     name: str
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return host.strip("[]"), int(port)
 
 
 def parse_listen(value: str) -> tuple[str, int] | str | SystemdSocket:

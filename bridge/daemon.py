@@ -9,6 +9,7 @@ to ``odmr.shutdown_grace`` seconds, close the rest, exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -20,11 +21,13 @@ from ssl import SSLContext
 import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP
 
-from bridge import systemd
+from bridge import metrics, systemd
 from bridge.accounts import Accounts
-from bridge.config import Settings, SystemdSocket, parse_listen
+from bridge.bounce import ReportSettings
+from bridge.config import Settings, SystemdSocket, parse_host_port, parse_listen
 from bridge.embedded_redis import EmbeddedRedis, url_for
 from bridge.index import Index
+from bridge.lifecycle import Lifecycle, LifecyclePolicy
 from bridge.lmtp import IntakeHandler, IntakeServer
 from bridge.odmr import OdmrContext, OdmrServer
 from bridge.queue import HoldQueue
@@ -38,9 +41,22 @@ from bridge.watch import Reloading
 log = logging.getLogger("bridge.daemon")
 
 
-def redis_client(settings: Settings) -> aioredis.Redis:
+def redis_url(settings: Settings) -> str:
     """The configured Redis, or the private one under the spool directory."""
-    return aioredis.from_url(settings.redis.url or url_for(settings.spool.dir))
+    return settings.redis.url or url_for(settings.spool.dir)
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    return aioredis.from_url(redis_url(settings))
+
+
+def lifecycle_policy(settings: Settings) -> LifecyclePolicy:
+    return LifecyclePolicy(
+        max_hold=settings.queue.max_hold, delay_warning=settings.queue.delay_warning,
+        interval=settings.queue.sweep_interval, relay=parse_host_port(settings.bounce.relay),
+        report=ReportSettings(reporting_mta=hostname(settings),
+                              max_hold=settings.queue.max_hold,
+                              size_limit=settings.bounce.size_limit))
 
 
 def hostname(settings: Settings) -> str:
@@ -136,6 +152,7 @@ class Daemon:
             return lambda domain: domain in in_map or in_file.is_atrn_domain(domain)
 
         intake = IntakeHandler(queue, atrn_domains)
+        lifecycle = Lifecycle(queue, lifecycle_policy(settings))
         tls_context = server_context(settings.tls)
         throttle = AuthThrottle(queue.index.redis, ThrottlePolicy(
             settings.auth.max_failures, settings.auth.failure_window, settings.auth.failure_delay))
@@ -150,6 +167,7 @@ class Daemon:
                               data_end=settings.odmr.data_timeout),
             tls_context=tls_context, require_tls=settings.tls.require_tls,
             max_bad_commands=settings.odmr.max_bad_commands,
+            after_drain=lifecycle.kick,
         )
         self.servers = [
             await listen(self._tracked(lambda: IntakeServer(
@@ -164,8 +182,14 @@ class Daemon:
         certificates = CertificateReloader(tls_context, settings.tls) if tls_context else None
         if certificates is not None:
             certificates.start()
-        log.info("listening: lmtp %s, odmr %s%s", settings.lmtp.listen, settings.odmr.listen,
-                 f", odmr+tls {settings.odmr.tls_listen}" if settings.odmr.tls_listen else "")
+        metrics_server = None
+        if settings.metrics.listen:
+            metrics_server = metrics.serve(parse_host_port(settings.metrics.listen),
+                                           redis_url(settings))
+        queue_manager = asyncio.create_task(lifecycle.run(self.stopping))
+        log.info("listening: lmtp %s, odmr %s%s%s", settings.lmtp.listen, settings.odmr.listen,
+                 f", odmr+tls {settings.odmr.tls_listen}" if settings.odmr.tls_listen else "",
+                 f", metrics {settings.metrics.listen}" if settings.metrics.listen else "")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -173,6 +197,12 @@ class Daemon:
         if certificates is not None:
             certificates.stop()
         await self._shutdown()
+        # A pass in progress finishes its step; one stuck on the host MTA is cut
+        # short (safe at any point: a notice is removed only once accepted).
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(queue_manager, self.settings.odmr.shutdown_grace)
+        if metrics_server is not None:
+            metrics_server.shutdown()
 
     async def _shutdown(self) -> None:
         log.info("shutting down: no new connections; waiting up to %.0fs for sessions",

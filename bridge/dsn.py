@@ -62,3 +62,20 @@ def parameter(options: list[str], name: str) -> str | None:
         if option.startswith(prefix):
             return option[len(prefix):]
     return None
+
+
+def notify_wants(options: list[str], event: str) -> bool:
+    """Does a recipient's NOTIFY ask for a notice of *event* (SUCCESS, FAILURE, DELAY)?
+
+    Without NOTIFY (RFC 3461 section 4.1): failures and delays are reported,
+    successes are not; ``NOTIFY=NEVER`` asks for nothing.
+    """
+    notify = parameter(options, "NOTIFY")
+    if notify is None:
+        return event in ("FAILURE", "DELAY")
+    return event in notify.upper().split(",")
+
+
+def xtext_decode(value: str) -> str:
+    """RFC 3461 section 4: ``+XX`` hex escapes back to characters."""
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)

@@ -32,6 +32,7 @@ class IndexedMessage:
     size: int
     sender: str
     recipients: list[tuple[str, str]]  # (address, state)
+    held: bool = False  # on hold by the operator
 
 
 def _text(value: bytes | str) -> str:
@@ -49,41 +50,55 @@ class Index:
         self._remove: AsyncScript = client.register_script(load_script("index_remove.lua"))
         self._renew: AsyncScript = client.register_script(load_script("lease_renew.lua"))
         self._release: AsyncScript = client.register_script(load_script("lease_release.lua"))
+        self._move: AsyncScript = client.register_script(load_script("index_move.lua"))
 
     async def prepare(self) -> None:
         """Load the Lua scripts into Redis up front, so no state change meets NOSCRIPT."""
-        for script in (self._add, self._remove, self._renew, self._release):
+        for script in (self._add, self._remove, self._renew, self._release, self._move):
             await self.redis.script_load(script.script)
 
     # -- message state ---------------------------------------------------
 
-    async def add(self, envelope: Envelope) -> bool:
+    async def add(self, envelope: Envelope, *, held: bool = False) -> bool:
         d = envelope.domain
         added = await self._add(
-            keys=[keys.deferred(d), keys.message(d, envelope.qid), keys.stats(d), keys.DOMAINS],
+            keys=[keys.hold(d) if held else keys.deferred(d), keys.message(d, envelope.qid),
+                  keys.stats(d), keys.DOMAINS],
             args=[envelope.qid, repr(envelope.arrival), envelope.size, envelope.sender,
-                  _recipients_json(envelope), d],
+                  _recipients_json(envelope), d, "hold" if held else ""],
         )
         return bool(added)
+
+    async def move(self, domain: str, qid: str, *, hold: bool) -> bool:
+        """Put an indexed message on hold (or release it); False if it was not there."""
+        source, target = keys.deferred(domain), keys.hold(domain)
+        if not hold:
+            source, target = target, source
+        moved = await self._move(keys=[source, target, keys.message(domain, qid)],
+                                 args=[qid, "hold" if hold else ""])
+        return bool(moved)
+
+    async def mark_warned(self, domain: str, qid: str) -> None:
+        await self.redis.hset(keys.message(domain, qid), "warned", "1")
 
     async def update_recipients(self, envelope: Envelope) -> None:
         await self.redis.hset(keys.message(envelope.domain, envelope.qid),
                               "rcpts", _recipients_json(envelope))
 
+    @staticmethod
+    def _removal_keys(domain: str, qid: str) -> list[str]:
+        return [keys.deferred(domain), keys.hold(domain), keys.message(domain, qid),
+                keys.stats(domain)]
+
     async def remove(self, domain: str, qid: str) -> bool:
-        removed = await self._remove(
-            keys=[keys.deferred(domain), keys.message(domain, qid), keys.stats(domain)],
-            args=[qid],
-        )
+        removed = await self._remove(keys=self._removal_keys(domain, qid), args=[qid])
         return bool(removed)
 
     async def remove_many(self, messages: list[tuple[str, str]]) -> None:
         """Drop several (domain, qid) entries in one round trip, each atomically."""
         pipe = self.redis.pipeline(transaction=False)
         for domain, qid in messages:
-            await self._remove(
-                keys=[keys.deferred(domain), keys.message(domain, qid), keys.stats(domain)],
-                args=[qid], client=pipe)
+            await self._remove(keys=self._removal_keys(domain, qid), args=[qid], client=pipe)
         await pipe.execute()
 
     # -- reading -----------------------------------------------------------
@@ -92,15 +107,35 @@ class Index:
         return sorted(_text(m) for m in await self.redis.smembers(keys.DOMAINS))
 
     async def queued_ids(self, domain: str, limit: int | None = None) -> list[str]:
+        """Messages of *domain* that ATRN delivers (not those on hold), oldest first."""
         end = -1 if limit is None else limit - 1
         raw: list[Any] = await self.redis.zrange(keys.deferred(domain), 0, end)
         return [_text(q) for q in raw]
+
+    async def held_ids(self, domain: str) -> list[str]:
+        """Messages of *domain* on hold by the operator."""
+        raw: list[Any] = await self.redis.zrange(keys.hold(domain), 0, -1)
+        return [_text(q) for q in raw]
+
+    async def arrived_before(self, domain: str, cutoff: float) -> list[str]:
+        """Deliverable messages of *domain* that arrived before *cutoff* (unix time)."""
+        raw: list[Any] = await self.redis.zrangebyscore(keys.deferred(domain), "-inf",
+                                                        f"({cutoff!r}")
+        return [_text(q) for q in raw]
+
+    async def warned(self, domain: str, qids: list[str]) -> list[bool]:
+        """For each message: has its sender had a delay warning?"""
+        pipe = self.redis.pipeline(transaction=False)
+        for qid in qids:
+            pipe.hexists(keys.message(domain, qid), "warned")
+        return [bool(x) for x in await pipe.execute()]
 
     async def count(self, domain: str) -> int:
         return int(await self.redis.zcard(keys.deferred(domain)))
 
     async def messages(self, domain: str) -> list[IndexedMessage]:
-        qids = await self.queued_ids(domain)
+        """Every indexed message of *domain* (deliverable and on hold), oldest first."""
+        qids = await self.queued_ids(domain) + await self.held_ids(domain)
         pipe = self.redis.pipeline(transaction=False)
         for qid in qids:
             pipe.hgetall(keys.message(domain, qid))
@@ -113,7 +148,9 @@ class Index:
                 qid=qid, domain=domain, arrival=float(fields["arrival"]),
                 size=int(fields["size"]), sender=fields["sender"],
                 recipients=[(a, s) for a, s in json.loads(fields["rcpts"])],
+                held=fields.get("queue") == "hold",
             ))
+        found.sort(key=lambda m: m.arrival)
         return found
 
     async def stats(self, domain: str) -> dict[str, int]:
@@ -145,10 +182,10 @@ class Index:
 
     async def forget_domain(self, domain: str) -> None:
         """Drop a domain's whole index (used by reindex before rebuilding it)."""
-        qids = await self.queued_ids(domain)
+        qids = await self.queued_ids(domain) + await self.held_ids(domain)
         pipe = self.redis.pipeline(transaction=True)
         for start in range(0, len(qids), 1000):
             pipe.delete(*[keys.message(domain, q) for q in qids[start:start + 1000]])
-        pipe.delete(keys.deferred(domain), keys.stats(domain))
+        pipe.delete(keys.deferred(domain), keys.hold(domain), keys.stats(domain))
         pipe.srem(keys.DOMAINS, domain)
         await pipe.execute()

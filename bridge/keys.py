@@ -7,9 +7,11 @@ message's indexing, so Redis Cluster is not supported (a single Redis, or
 Sentinel, is).
 
     bridge:domains                 SET   domains that have (or had) held mail
-    bridge:{d}:deferred            ZSET  qid -> arrival (unix seconds)
+    bridge:{d}:deferred            ZSET  qid -> arrival (unix seconds): delivered on ATRN
+    bridge:{d}:hold                ZSET  qid -> arrival: on hold by the operator
     bridge:{d}:msg:<qid>           HASH  sender, size, arrival, rcpts (JSON)
-    bridge:{d}:stats               HASH  messages, bytes (held now)
+                                         [, queue=hold] [, warned=1]
+    bridge:{d}:stats               HASH  messages, bytes (held now, both sets)
     bridge:{d}:lease               STRING token of the ATRN session collecting d
     bridge:authfail:addr:<ip>      STRING failed AUTHs from a client address (expires)
     bridge:authfail:user:<user>    STRING failed AUTHs for a user name (expires)
@@ -27,6 +29,10 @@ def _tag(domain: str) -> str:
 
 def deferred(domain: str) -> str:
     return f"{_tag(domain)}:deferred"
+
+
+def hold(domain: str) -> str:
+    return f"{_tag(domain)}:hold"
 
 
 def message(domain: str, qid: str) -> str:

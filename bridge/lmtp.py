@@ -8,6 +8,7 @@ of the copy held for the recipient's domain.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 from collections import defaultdict
@@ -18,13 +19,16 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
-from bridge import replies
+from bridge import metrics, replies
 from bridge.accounts import recipient_domain
 from bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
 from bridge.queue import HoldQueue
 from bridge.spool import Recipient
 
 log = logging.getLogger("bridge.lmtp")
+
+# The spool's file system is full (or the spool user's quota is).
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 # Intake parameters worth keeping for the reversed session (SIZE is recomputed).
 _KEPT_MAIL_OPTIONS = ("BODY=", "SMTPUTF8", "RET=", "ENVID=")
@@ -84,8 +88,13 @@ class IntakeHandler:
         except Exception as exc:
             log.error("warning: queue commit failed from=<%s> nrcpt=%d: %s: %s", sender,
                       len(envelope.rcpt_tos), type(exc).__name__, exc)
-            lines = [replies.LOCAL_ERROR.format(rcpt=r) for r in envelope.rcpt_tos]
+            full = isinstance(exc, OSError) and exc.errno in _NO_SPACE
+            metrics.INTAKE_FAILURES.labels("storage_full" if full else type(exc).__name__).inc()
+            template = replies.STORAGE_FULL if full else replies.LOCAL_ERROR
+            lines = [template.format(rcpt=r) for r in envelope.rcpt_tos]
         else:
+            metrics.INTAKE_MESSAGES.inc(len(qids))
+            metrics.INTAKE_BYTES.inc(len(body) * len(qids))
             for domain, qid in qids.items():
                 log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue deferred for %s)", qid,
                          sender, len(body), len(by_domain[domain]), domain)

@@ -1,18 +1,35 @@
-"""Logging set-up: Postfix-like lines, one per event, to stderr (journald)."""
+"""Logging set-up: Postfix-like lines, one per event, to stderr (journald) or syslog.
+
+Syslog uses the mail facility, like Postfix, so existing log routing and
+tools (pflogsumm-style parsers, fail2ban filters) find the lines where they
+look for mail logs.
+"""
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 
 FORMAT = "%(asctime)s odmr-bridge/%(name)s[%(process)d]: %(message)s"
+# syslog adds the time stamp and host itself; the tag is Postfix's "program/service[pid]:".
+SYSLOG_FORMAT = "odmr-bridge/%(name)s[%(process)d]: %(message)s"
 
 
-def setup(level: str = "info") -> None:
+def _handler(target: str, syslog_socket: str) -> logging.Handler:
+    if target == "syslog":
+        handler: logging.Handler = logging.handlers.SysLogHandler(
+            address=syslog_socket, facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+        return handler
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%b %d %H:%M:%S"))
+    return handler
+
+
+def setup(level: str = "info", target: str = "stderr", syslog_socket: str = "/dev/log") -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_handler(target, syslog_socket)]
     root.setLevel(level.upper())
     # aiosmtpd logs every command line (AUTH responses included) at INFO and
     # deprecation chatter at WARNING; our own modules log the events.

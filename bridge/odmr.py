@@ -18,7 +18,7 @@ from typing import Any
 
 from aiosmtpd.smtp import Session
 
-from bridge import replies
+from bridge import metrics, replies
 from bridge.accounts import Accounts, AccountsError, normalize_domain
 from bridge.leases import LeaseKeeper
 from bridge.odmr_auth import SaslMixin
@@ -44,6 +44,8 @@ class OdmrContext:
     tls_context: ssl.SSLContext | None = None
     require_tls: bool = False
     max_bad_commands: int = 10
+    # Called after a session that bounced something (the queue manager's kick).
+    after_drain: Callable[[], None] = lambda: None
 
 
 class _NoHooks:
@@ -116,7 +118,13 @@ class OdmrServer(SaslMixin):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        metrics.ODMR_SESSIONS.inc()
+        metrics.ODMR_ACTIVE.inc()
         super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        metrics.ODMR_ACTIVE.dec()
+        super().connection_lost(error)
 
     def _session(self) -> Session:
         assert self.session is not None, "aiosmtpd creates it at connection_made"
@@ -214,6 +222,7 @@ class OdmrServer(SaslMixin):
         if not domains or refused:
             log.warning("%s: ATRN refused: user=%s domains=%s", self.client, self.user,
                         ",".join(refused) or "(none)")
+            metrics.ATRN.labels("refused").inc()
             await self.push(replies.ATRN_REFUSED)
             return
         # aiosmtpd cancels the command coroutine as soon as the peer closes;
@@ -230,15 +239,18 @@ class OdmrServer(SaslMixin):
             if not await leases.acquire(domains):
                 log.info("%s: ATRN %s: busy (another session collects)", self.client,
                          ",".join(domains))
+                metrics.ATRN.labels("busy").inc()
                 await self.push(replies.ATRN_BUSY)
                 return
             counts = [await queue.index.count(d) for d in domains]
             if not any(counts):
+                metrics.ATRN.labels("no_mail").inc()
                 await self.push(replies.ATRN_NO_MAIL)
                 return
             log.info("%s: ATRN user=%s domains=%s held=%d: reversing", self.client,
                      self.user, ",".join(domains), sum(counts))
             reversing = True
+            metrics.ATRN.labels("reversed").inc()
             await self.push(replies.ATRN_REVERSING)
             await self._reverse(domains, leases)
         except Exception as exc:  # Redis down and the like: nothing moved
@@ -266,6 +278,8 @@ class OdmrServer(SaslMixin):
                 await self.context.queue.sync()
             log.info("%s: disconnect after ATRN: delivered=%d deferred=%d failed=%d",
                      self.client, report.delivered, report.deferred, report.failed)
+            if report.failed:
+                self.context.after_drain()  # the bounces go out now, not at the next pass
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError,
                 ProtocolError) as exc:
             log.warning("%s: lost connection after ATRN: %s; undelivered mail stays held",

@@ -22,7 +22,7 @@ import redis.exceptions
 import scramp
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
 
-from bridge import cram, replies, sasl
+from bridge import cram, metrics, replies, sasl
 from bridge.accounts import Accounts
 from bridge.throttle import AuthThrottle
 
@@ -104,6 +104,7 @@ class SaslMixin(SMTP):
             return AuthResult(success=True, auth_data=user)
         log.warning("%s: SASL %s authentication failed, sasl_username=%s", self.client,
                     mechanism, user[:64])
+        metrics.AUTH_FAILURES.labels(mechanism).inc()
         # Counted before the 535 goes out, so the client's next try sees it.
         try:
             await self.throttle.failed(self.client_address, user)

@@ -3,9 +3,14 @@
 Order of writes, so that no crash loses mail:
   commit: spool first (durable), then index; an index failure removes the
           unacknowledged files again and the caller answers 4xx.
-  settle: spool first, then index; an index left stale by a crash is
+  settle: the notice for the sender (bounce) first, then the message's new
+          state, then the index.  A crash in between can repeat a notice or
+          a delivery, never lose either.  An index left stale by a crash is
           mended by :meth:`HoldQueue.reindex` (run by ``serve`` at start-up)
           or lazily when a stale entry is met.
+
+State changes outside an ATRN session (expiry, operator commands) take the
+domain's lease first, so they never race a delivery of the same message.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
+from bridge.dsn import notify_wants
 from bridge.index import Index
 from bridge.spool import (
+    BOUNCE,
+    DEFERRED,
     DELIVERED,
     FAILED,
+    HOLD,
     PENDING,
     CorruptQueueFile,
     Envelope,
@@ -33,6 +42,17 @@ from bridge.spool import (
 )
 
 log = logging.getLogger("bridge.queue")
+
+# How long an operator command or the expiry pass may keep a domain to itself.
+EXCLUSIVE_SECONDS = 60.0
+
+# Which NOTIFY word asks for a notice about a recipient in this state.
+_NOTIFY_EVENT = {FAILED: "FAILURE", PENDING: "DELAY", DELIVERED: "SUCCESS"}
+_NOTICE_NAME = {FAILED: "non-delivery", PENDING: "delay", DELIVERED: "delivery status"}
+
+
+class DomainBusy(Exception):
+    """An ATRN session (or another operator command) is working on the domain."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +110,17 @@ class HoldQueue:
         return await self.index.queued_ids(domain)
 
     @contextlib.asynccontextmanager
+    async def exclusive(self, domain: str) -> AsyncIterator[None]:
+        """Keep ATRN sessions off *domain* while the block runs; DomainBusy if one is on it."""
+        token = self.index.new_token()
+        if not await self.index.acquire(domain, token, EXCLUSIVE_SECONDS):
+            raise DomainBusy(f"{domain} is being collected by an ATRN session right now")
+        try:
+            yield
+        finally:
+            await self.index.release(domain, token)
+
+    @contextlib.asynccontextmanager
     async def checkout(self, domain: str,
                        qid: str) -> AsyncIterator[tuple[Envelope, Readable] | None]:
         """A held message opened for delivery: (envelope, body), or None.
@@ -123,58 +154,90 @@ class HoldQueue:
         async with self.checkout(domain, qid) as found:
             return None if found is None else found[0]
 
-    async def settle(self, envelope: Envelope, outcomes: dict[str, Outcome]) -> None:
-        """Record the customer's answers for some recipients of *envelope*."""
-        changed = False
+    async def settle(self, envelope: Envelope, outcomes: dict[str, Outcome], *,
+                     report_success: bool = False) -> None:
+        """Record final answers for some recipients of a deferred message.
+
+        Recipients that failed get a non-delivery notice for the sender (as
+        their NOTIFY asks); with *report_success* (the customer's MTA does not
+        offer DSN) so do delivered recipients whose NOTIFY includes SUCCESS.
+        """
+        final: list[Recipient] = []
         for rcpt in envelope.recipients:
             outcome = outcomes.get(rcpt.address)
             if rcpt.state != PENDING or outcome is None:
                 continue
+            rcpt.reason = outcome.reply
             if outcome.state in (DELIVERED, FAILED):
                 rcpt.state = outcome.state
-                changed = True
-            rcpt.reason = outcome.reply
-        if not changed:
+                final.append(rcpt)
+        if not final:
             return
+        failed = [r for r in final if r.state == FAILED]
+        relayed = [r for r in final if r.state == DELIVERED and report_success]
+        await self.notify(envelope, failed)
+        await self.notify(envelope, relayed)
         if envelope.pending():
             await asyncio.to_thread(self.spool.rewrite, envelope)
             await self.index.update_recipients(envelope)
-        elif any(r.state == FAILED for r in envelope.recipients):
-            await asyncio.to_thread(self.spool.retire, envelope)
-            await self.index.remove(envelope.domain, envelope.qid)
         else:
-            # All delivered: unlink now; the directory fsync and the index
-            # update follow at the next sync(), batched.  A stale index entry
+            # All final: unlink now; the directory fsync and the index update
+            # follow at the next sync(), batched.  A stale index entry
             # meanwhile is harmless: checkout() drops entries without a file.
-            self.spool.retire(envelope, sync=False)
+            self.spool.remove(envelope.qid, sync=False)
             self._unsynced.append((envelope.domain, envelope.qid))
+
+    async def notify(self, envelope: Envelope, recipients: list[Recipient]) -> str | None:
+        """Queue a delivery status notification to the sender about *recipients*.
+
+        Their state says what is reported (failed, delayed, relayed).  Nothing
+        is queued for the null sender, nor for recipients whose NOTIFY does
+        not ask for it.  Returns the notice's ID, if one was queued.
+        """
+        wanted = [Recipient(r.address, list(r.options), r.state, r.reason) for r in recipients
+                  if notify_wants(r.options, _NOTIFY_EVENT[r.state])]
+        if not wanted or not envelope.sender:
+            return None
+        notice = dataclasses.replace(envelope, qid=new_qid(), recipients=wanted,
+                                     about=envelope.qid)
+        source = DEFERRED if self.spool.path(envelope.qid, DEFERRED).exists() else HOLD
+        await asyncio.to_thread(self.spool.place, notice, envelope.qid, source, BOUNCE)
+        log.info("%s: sender %s notification: %s", envelope.qid,
+                 _NOTICE_NAME[wanted[0].state], notice.qid)
+        return notice.qid
 
     async def sync(self) -> None:
         """Make the removals since the last sync durable and drop them from the index."""
         if self._unsynced:
             done, self._unsynced = self._unsynced, []
-            await asyncio.to_thread(self.spool.sync_deferred)
+            await asyncio.to_thread(self.spool.sync)
             await self.index.remove_many(done)
+
+    def _ids(self, queue: str) -> list[str]:
+        return list(self.spool.ids(queue))
 
     async def reindex(self) -> ReindexReport:
         """Rebuild the whole index from the spool (the record)."""
-        by_domain: dict[str, list[Envelope]] = defaultdict(list)
+        by_domain: dict[str, list[tuple[Envelope, bool]]] = defaultdict(list)
         corrupt = 0
-        for qid in await asyncio.to_thread(lambda: list(self.spool.deferred_ids())):
-            try:
-                envelope = await asyncio.to_thread(self.spool.read_envelope, qid)
-            except UnknownQueueId:
-                continue
-            except CorruptQueueFile as exc:
-                log.error("%s: moved to corrupt: %s", qid, exc)
-                await asyncio.to_thread(self.spool.quarantine, qid)
-                corrupt += 1
-                continue
-            by_domain[envelope.domain].append(envelope)
+        for queue in (DEFERRED, HOLD):
+            for qid in await asyncio.to_thread(self._ids, queue):
+                try:
+                    envelope = await asyncio.to_thread(self.spool.read_envelope, qid, queue)
+                except UnknownQueueId:
+                    continue
+                except CorruptQueueFile as exc:
+                    log.error("%s: moved to corrupt: %s", qid, exc)
+                    await asyncio.to_thread(self.spool.quarantine, qid, queue)
+                    corrupt += 1
+                    continue
+                by_domain[envelope.domain].append((envelope, queue == HOLD))
         domains = set(by_domain) | set(await self.index.domains())
         for domain in sorted(domains):
             await self.index.forget_domain(domain)
-            for envelope in by_domain.get(domain, []):
-                await self.index.add(envelope)
+            for envelope, held in by_domain.get(domain, []):
+                await self.index.add(envelope, held=held)
+                if envelope.warned:
+                    await self.index.mark_warned(domain, envelope.qid)
         total = sum(len(v) for v in by_domain.values())
         return ReindexReport(messages=total, domains=len(by_domain), corrupt=corrupt)

@@ -1,18 +1,25 @@
-"""Operator views of the hold queue, in the habits of Postfix's tools.
+"""Operator views and commands for the hold queue, in the habits of Postfix's tools.
 
-``show`` is ``postcat``, ``summary`` is ``qshape``, ``delete`` is
-``postsuper -d``.  They read the spool (the record) and the Redis index.
+``show`` is ``postcat``, ``summary`` is ``qshape``; ``delete``, ``hold``,
+``release`` and ``requeue`` are ``postsuper -d/-h/-H/-r``.  They read the
+spool (the record) and the Redis index; every change takes the domain's
+lease first, so it never races an ATRN session delivering the same message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from bridge.index import IndexedMessage
-from bridge.queue import HoldQueue
-from bridge.spool import UnknownQueueId, valid_qid
+from bridge.queue import DomainBusy, HoldQueue
+from bridge.spool import DEFERRED, HOLD, PENDING, Envelope, UnknownQueueId, new_qid, valid_qid
+
+log = logging.getLogger("bridge.queue_tools")
 
 # qshape's default buckets, in minutes.
 AGE_BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
@@ -26,17 +33,28 @@ def _stamp(when: float) -> str:
     return datetime.datetime.fromtimestamp(when).strftime("%a %b %d %H:%M:%S %Y")
 
 
-def show(queue: HoldQueue, qid: str) -> bytes:
-    """``postcat``: the envelope, each recipient's state, then the message."""
+def _locate(queue: HoldQueue, qid: str) -> tuple[str, Envelope]:
+    """(deferred or hold, envelope) of a held message; QueueToolError naming the problem."""
     if not valid_qid(qid):
         raise QueueToolError(f"{qid}: not a queue ID")
     try:
-        with queue.spool.open_body(qid) as (body, envelope):
+        where = queue.spool.find(qid)
+        return where, queue.spool.read_envelope(qid, where)
+    except UnknownQueueId:
+        raise QueueToolError(f"{qid}: no such message in the hold queue") from None
+
+
+def show(queue: HoldQueue, qid: str) -> bytes:
+    """``postcat``: the envelope, each recipient's state, then the message."""
+    where, _ = _locate(queue, qid)
+    try:
+        with queue.spool.open_body(qid, where) as (body, envelope):
             content = body.read()
     except UnknownQueueId:
         raise QueueToolError(f"{qid}: no such message in the hold queue") from None
     lines = [
         f"*** ENVELOPE RECORDS {qid} ***",
+        f"queue: {where}",
         f"domain: {envelope.domain}",
         f"message_size: {envelope.size}",
         f"message_arrival_time: {_stamp(envelope.arrival)}",
@@ -51,24 +69,96 @@ def show(queue: HoldQueue, qid: str) -> bytes:
     return "\n".join(lines).encode() + b"\n" + content + b"*** END OF MESSAGE ***\n"
 
 
-async def delete(queue: HoldQueue, qids: Iterable[str]) -> list[str]:
-    """``postsuper -d``: remove held messages; refuses while their domain is collected."""
-    deleted = []
-    for qid in qids:
-        if not valid_qid(qid):
-            raise QueueToolError(f"{qid}: not a queue ID")
+async def _each(queue: HoldQueue, qids: Iterable[str], wanted: tuple[str, ...],
+                action: str) -> list[tuple[str, Envelope]]:
+    """Locate every message first, so a typo in the list changes nothing."""
+    found = [(qid, *_locate(queue, qid)) for qid in qids]
+    for qid, where, _ in found:
+        if where not in wanted:
+            raise QueueToolError(f"{qid}: cannot {action}: the message is {where}"
+                                 f"{' (on hold)' if where == HOLD else ''}")
+    return [(where, envelope) for _, where, envelope in found]
+
+
+Step = Callable[[HoldQueue, str, Envelope], Awaitable[str]]
+
+
+async def _exclusive_each(queue: HoldQueue, messages: list[tuple[str, Envelope]],
+                          step: Step) -> list[str]:
+    """Run *step* on each message under its domain's lease; the steps' results."""
+    results = []
+    for where, envelope in messages:
         try:
-            envelope = queue.spool.read_envelope(qid)
+            async with queue.exclusive(envelope.domain):
+                results.append(await step(queue, where, envelope))
+        except DomainBusy as exc:
+            raise QueueToolError(f"{envelope.qid}: {exc}; try again when it ends") from None
         except UnknownQueueId:
-            raise QueueToolError(f"{qid}: no such message in the hold queue") from None
-        if await queue.index.leased(envelope.domain):
-            raise QueueToolError(f"{qid}: {envelope.domain} is being collected by an ATRN "
-                                 "session right now; try again when it ends")
-        queue.spool.path(qid).unlink(missing_ok=True)
-        queue.spool.sync_deferred()
-        await queue.index.remove(envelope.domain, qid)
-        deleted.append(qid)
-    return deleted
+            raise QueueToolError(f"{envelope.qid}: gone from the hold queue meanwhile "
+                                 "(delivered or expired)") from None
+    return results
+
+
+async def _delete(queue: HoldQueue, where: str, envelope: Envelope) -> str:
+    await asyncio.to_thread(queue.spool.remove, envelope.qid, where)
+    await queue.index.remove(envelope.domain, envelope.qid)
+    log.info("%s: removed by the operator", envelope.qid)
+    return envelope.qid
+
+
+async def _hold(queue: HoldQueue, where: str, envelope: Envelope) -> str:
+    await asyncio.to_thread(queue.spool.move, envelope.qid, DEFERRED, HOLD)
+    await queue.index.move(envelope.domain, envelope.qid, hold=True)
+    log.info("%s: placed on hold by the operator", envelope.qid)
+    return envelope.qid
+
+
+async def _release(queue: HoldQueue, where: str, envelope: Envelope) -> str:
+    await asyncio.to_thread(queue.spool.move, envelope.qid, HOLD, DEFERRED)
+    await queue.index.move(envelope.domain, envelope.qid, hold=False)
+    log.info("%s: released from hold by the operator", envelope.qid)
+    return envelope.qid
+
+
+async def _requeue(queue: HoldQueue, where: str, envelope: Envelope) -> str:
+    """A fresh copy under a new ID: pending recipients only, clocks restarted."""
+    fresh = dataclasses.replace(
+        envelope, qid=new_qid(), arrival=time.time(), warned=False,
+        recipients=[dataclasses.replace(r, reason="") for r in envelope.recipients
+                    if r.state == PENDING])
+    await asyncio.to_thread(queue.spool.place, fresh, envelope.qid, where, DEFERRED)
+    await queue.index.add(fresh)
+    await asyncio.to_thread(queue.spool.remove, envelope.qid, where)
+    await queue.index.remove(envelope.domain, envelope.qid)
+    log.info("%s: requeued by the operator as %s", envelope.qid, fresh.qid)
+    return fresh.qid
+
+
+async def delete(queue: HoldQueue, qids: Iterable[str]) -> list[str]:
+    """``postsuper -d``: remove held messages (deliverable or on hold)."""
+    messages = await _each(queue, qids, (DEFERRED, HOLD), "delete")
+    return await _exclusive_each(queue, messages, _delete)
+
+
+async def hold(queue: HoldQueue, qids: Iterable[str]) -> list[str]:
+    """``postsuper -h``: keep messages from ATRN delivery (and from expiry) until released."""
+    messages = await _each(queue, qids, (DEFERRED,), "put on hold")
+    return await _exclusive_each(queue, messages, _hold)
+
+
+async def release(queue: HoldQueue, qids: Iterable[str]) -> list[str]:
+    """``postsuper -H``: make messages on hold deliverable again."""
+    messages = await _each(queue, qids, (HOLD,), "release")
+    return await _exclusive_each(queue, messages, _release)
+
+
+async def requeue(queue: HoldQueue, qids: Iterable[str]) -> dict[str, str]:
+    """``postsuper -r``: a new queue ID and arrival time (the expiry and delay
+    warning clocks restart), pending recipients only, last replies cleared;
+    a message on hold is released by it.  Returns old ID -> new ID."""
+    messages = await _each(queue, qids, (DEFERRED, HOLD), "requeue")
+    fresh = await _exclusive_each(queue, messages, _requeue)
+    return {e.qid: new for (_, e), new in zip(messages, fresh, strict=True)}
 
 
 def summary(messages: Iterable[IndexedMessage], now: float | None = None) -> str:

@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 
+from bridge import metrics
 from bridge.queue import HoldQueue, Outcome
 from bridge.smtp_client import Extensions, Reply, dot_stuff, read_reply
 from bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient
@@ -177,12 +178,15 @@ class Relay:
         else:
             replies = await self._transaction(envelope, body, pending)
         outcomes = {a: Outcome(_state_for(r), str(r)) for a, r in replies.items()}
-        await self.queue.settle(envelope, outcomes)
+        # A customer MTA without DSN cannot honour NOTIFY=SUCCESS: we report "relayed".
+        await self.queue.settle(envelope, outcomes,
+                                report_success="DSN" not in self.extensions)
         delay = time.monotonic() - started
         for address, reply in replies.items():
             state = _state_for(reply)
             status = {DELIVERED: "sent", FAILED: "bounced", PENDING: "deferred"}[state]
             report.count(state)
+            metrics.RECIPIENTS.labels(status).inc()
             log.info("%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
                      envelope.qid, address, self.relay_name, delay, reply.dsn, status, reply)
 

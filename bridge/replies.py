@@ -17,6 +17,7 @@ RCPT_NOT_ATRN_DOMAIN = "450 4.1.2 <{rcpt}>: Recipient domain is not an ATRN doma
 RCPT_BAD_ADDRESS = "501 5.1.3 <{rcpt}>: Bad recipient address syntax"
 QUEUED = "250 2.0.0 <{rcpt}> OK: queued as {qid}"
 LOCAL_ERROR = "451 4.3.0 <{rcpt}> Error: queue file write error, try again later"
+STORAGE_FULL = "452 4.3.1 <{rcpt}> Error: insufficient system storage, try again later"
 MESSAGE_TOO_BIG = "552 5.3.4 Error: message too big"
 
 # --- ODMR, before reversal (RFC 2645) -----------------------------------

@@ -4,8 +4,9 @@ Layout under the spool directory, with Postfix's words:
 
     incoming/   files being written; never a message (cleared at start-up)
     deferred/   committed messages waiting for their customer's ATRN
-    failed/     messages whose recipients all reached a final state and at
-                least one failed permanently (input for bounces)
+    hold/       messages the operator put on hold: not delivered until released
+    bounce/     delivery status notifications (bounces, delay warnings) waiting
+                to be sent to the original sender through the host MTA
     corrupt/    files that failed validation, kept for the operator
 
 A queue file is ``MAGIC``, one line of JSON (the envelope), the body bytes
@@ -35,6 +36,12 @@ COPY_CHUNK = 1024 * 1024
 PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
+
+# The queues (directories) a committed file can be in.
+DEFERRED = "deferred"
+HOLD = "hold"
+BOUNCE = "bounce"
+QUEUES = (DEFERRED, HOLD, BOUNCE)
 
 _QID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
 
@@ -68,6 +75,10 @@ class Envelope:
     size: int
     recipients: list[Recipient]
     mail_options: list[str] = dataclasses.field(default_factory=list)
+    # A delay warning went to the sender (sent once per message).
+    warned: bool = False
+    # In bounce/: the queue ID of the message this notification is about.
+    about: str = ""
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
@@ -80,11 +91,17 @@ class Envelope:
             "recipients": [{"address": r.address, "options": r.options, "state": r.state,
                             "reason": r.reason} for r in self.recipients],
         }
+        if self.warned:
+            data["warned"] = True
+        if self.about:
+            data["about"] = self.about
         return json.dumps(data, separators=(",", ":")).encode("ascii")
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
         data: dict[str, Any] = json.loads(raw)
+        if not isinstance(data, dict) or not isinstance(data.get("recipients"), list):
+            raise ValueError("envelope is not an object with a recipient list")
         data["recipients"] = [Recipient(**r) for r in data["recipients"]]
         return cls(**data)
 
@@ -117,12 +134,13 @@ class Spool:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.incoming = self.root / "incoming"
-        self.deferred = self.root / "deferred"
-        self.failed = self.root / "failed"
+        self.deferred = self.root / DEFERRED
+        self.hold = self.root / HOLD
+        self.bounce = self.root / BOUNCE
         self.corrupt = self.root / "corrupt"
 
     def ensure(self) -> None:
-        for d in (self.incoming, self.deferred, self.failed, self.corrupt):
+        for d in (self.incoming, self.deferred, self.hold, self.bounce, self.corrupt):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def clear_incoming(self) -> int:
@@ -133,21 +151,31 @@ class Spool:
             removed += 1
         return removed
 
+    def directory(self, queue: str) -> Path:
+        if queue not in QUEUES:
+            raise ValueError(f"unknown queue {queue!r}")
+        return self.root / queue
+
     # -- writing -----------------------------------------------------------
 
     def _write_temp(self, envelope: Envelope, body: bytes | Readable) -> Path:
+        """Write and fsync a whole queue file in incoming/; on any error, remove it."""
         temp = self.incoming / envelope.qid
-        with open(temp, "wb") as out:
-            out.write(MAGIC)
-            out.write(envelope.to_json())
-            out.write(b"\n")
-            if isinstance(body, bytes):
-                out.write(body)
-            else:
-                shutil.copyfileobj(body, out, COPY_CHUNK)
-            out.write(TRAILER)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with open(temp, "wb") as out:
+                out.write(MAGIC)
+                out.write(envelope.to_json())
+                out.write(b"\n")
+                if isinstance(body, bytes):
+                    out.write(body)
+                else:
+                    shutil.copyfileobj(body, out, COPY_CHUNK)
+                out.write(TRAILER)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            temp.unlink(missing_ok=True)  # a disk-full write must not linger
+            raise
         return temp
 
     def commit(self, envelopes: list[tuple[Envelope, bytes]]) -> None:
@@ -170,58 +198,81 @@ class Spool:
                 path.unlink(missing_ok=True)
             raise
 
-    def rewrite(self, envelope: Envelope) -> None:
-        """Replace a deferred message's envelope (recipient states), keeping its body."""
-        with self.open_body(envelope.qid) as (body, _):
-            temp = self._write_temp(envelope, _Limited(body, envelope.size))
-        os.rename(temp, self.deferred / envelope.qid)
-        _fsync_dir(self.deferred)
+    def place(self, envelope: Envelope, body_of: str, source: str, target: str) -> None:
+        """Write *envelope* with the body of message *body_of* (in *source*) into *target*.
 
-    def retire(self, envelope: Envelope, *, sync: bool = True) -> None:
-        """All recipients are final: drop the file, or keep it in failed/ for bounces.
-
-        With ``sync=False`` a plain removal (everything delivered) skips the
-        directory fsync; the caller batches it with :meth:`sync_deferred`.  A
-        power loss before that can only bring a delivered message back (a
-        duplicate), never lose one.  Moves to failed/ are always synced.
+        The new file is named after ``envelope.qid``; with the same ID and
+        queue this replaces the envelope of a message (its recipient states).
         """
-        source = self.deferred / envelope.qid
-        if any(r.state == FAILED for r in envelope.recipients):
-            with self.open_body(envelope.qid) as (body, _):
-                temp = self._write_temp(envelope, _Limited(body, envelope.size))
-            os.rename(temp, self.failed / envelope.qid)
-            _fsync_dir(self.failed)
-            sync = True
-        source.unlink(missing_ok=True)
+        with self.open_body(body_of, source) as (body, old):
+            temp = self._write_temp(envelope, _Limited(body, old.size))
+        try:
+            os.rename(temp, self.directory(target) / envelope.qid)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.directory(target))
+
+    def rewrite(self, envelope: Envelope, queue: str = DEFERRED) -> None:
+        """Replace a message's envelope (recipient states), keeping its body."""
+        self.place(envelope, envelope.qid, queue, queue)
+
+    def move(self, qid: str, source: str, target: str) -> None:
+        """Rename a message from one queue to another (hold, release), durably."""
+        try:
+            os.rename(self.path(qid, source), self.path(qid, target))
+        except FileNotFoundError:
+            raise UnknownQueueId(qid) from None
+        _fsync_dir(self.directory(target))
+        _fsync_dir(self.directory(source))
+
+    def remove(self, qid: str, queue: str = DEFERRED, *, sync: bool = True) -> None:
+        """Drop a message whose recipients are all final (or that was deleted).
+
+        With ``sync=False`` the directory fsync is left to :meth:`sync`, which
+        the caller batches.  A power loss before that can only bring a
+        delivered message back (a duplicate), never lose one.
+        """
+        self.path(qid, queue).unlink(missing_ok=True)
         if sync:
-            _fsync_dir(self.deferred)
+            _fsync_dir(self.directory(queue))
 
-    def sync_deferred(self) -> None:
-        _fsync_dir(self.deferred)
+    def sync(self, queue: str = DEFERRED) -> None:
+        _fsync_dir(self.directory(queue))
 
-    def quarantine(self, qid: str) -> None:
-        os.rename(self.deferred / qid, self.corrupt / qid)
+    def quarantine(self, qid: str, queue: str = DEFERRED) -> None:
+        os.rename(self.path(qid, queue), self.corrupt / qid)
         _fsync_dir(self.corrupt)
-        _fsync_dir(self.deferred)
+        _fsync_dir(self.directory(queue))
 
     # -- reading -----------------------------------------------------------
 
-    def path(self, qid: str) -> Path:
+    def path(self, qid: str, queue: str = DEFERRED) -> Path:
         if not valid_qid(qid):
             raise UnknownQueueId(qid)
-        return self.deferred / qid
+        return self.directory(queue) / qid
 
-    def deferred_ids(self) -> Iterator[str]:
-        for entry in os.scandir(self.deferred):
+    def ids(self, queue: str = DEFERRED) -> Iterator[str]:
+        for entry in os.scandir(self.directory(queue)):
             if entry.is_file() and valid_qid(entry.name):
                 yield entry.name
 
-    def read_envelope(self, qid: str) -> Envelope:
-        with self.open_body(qid) as (_, envelope):
+    def deferred_ids(self) -> Iterator[str]:
+        return self.ids(DEFERRED)
+
+    def find(self, qid: str) -> str:
+        """The queue holding message *qid*: deferred or hold."""
+        for queue in (DEFERRED, HOLD):
+            if self.path(qid, queue).exists():
+                return queue
+        raise UnknownQueueId(qid)
+
+    def read_envelope(self, qid: str, queue: str = DEFERRED) -> Envelope:
+        with self.open_body(qid, queue) as (_, envelope):
             return envelope
 
-    def open_body(self, qid: str) -> _BodyReader:
-        return _BodyReader(self.path(qid))
+    def open_body(self, qid: str, queue: str = DEFERRED) -> _BodyReader:
+        return _BodyReader(self.path(qid, queue))
 
 
 class _Limited:

@@ -118,6 +118,7 @@ class Bridge:
         self.directory = directory
         self.lmtp_port = free_port()
         self.odmr_port = free_port()
+        self.metrics_port = free_port()
         self.accounts = directory / "customers.json"
         self.spool = directory / "spool"
         self.log = directory / "bridge.log"
@@ -131,6 +132,10 @@ class Bridge:
             "ODMR_BRIDGE_ODMR_HOSTNAME": hostname,
             # Never the machine's /etc/postfix: tests that want Postfix say which.
             "ODMR_BRIDGE_POSTFIX_CONFIG_DIR": str(directory / "no-postfix"),
+            "ODMR_BRIDGE_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+            # Notices go nowhere (connection refused: they wait in bounce/)
+            # unless a test points this at a real MTA.
+            "ODMR_BRIDGE_BOUNCE_RELAY": f"127.0.0.1:{free_port()}",
             **(extra_env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None

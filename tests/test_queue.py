@@ -5,7 +5,7 @@ from __future__ import annotations
 from bridge import keys
 from bridge.index import Index
 from bridge.queue import HoldQueue, Outcome
-from bridge.spool import DELIVERED, FAILED, PENDING, Recipient
+from bridge.spool import BOUNCE, DELIVERED, FAILED, PENDING, Recipient
 
 BODY = b"Subject: t\r\n\r\nbody\r\n"
 
@@ -42,9 +42,13 @@ async def test_partial_delivery_keeps_the_rest_held(queue: HoldQueue) -> None:
     assert dict(msg.recipients) == {"a@atrn.example": DELIVERED, "b@atrn.example": PENDING,
                                     "c@atrn.example": FAILED}
     await queue.settle(again, {"b@atrn.example": Outcome(DELIVERED, "250 ok")})
+    await queue.sync()  # removals of finished messages are batched
     assert await queue.held("atrn.example") == []
     assert await queue.index.stats("atrn.example") == {"messages": 0, "bytes": 0}
-    assert [p.name for p in queue.spool.failed.iterdir()] == [qid]
+    [notice] = [queue.spool.read_envelope(n, BOUNCE) for n in queue.spool.ids(BOUNCE)]
+    assert notice.about == qid
+    assert [(r.address, r.state, r.reason) for r in notice.recipients] == [
+        ("c@atrn.example", FAILED, "550 no")]
 
 
 async def test_reindex_rebuilds_a_lost_index_exactly(queue: HoldQueue, index: Index) -> None:

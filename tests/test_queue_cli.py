@@ -1,12 +1,14 @@
-"""`odmr-bridge queue show|delete|summary`: postcat, postsuper -d and qshape habits."""
+"""`odmr-bridge queue ...`: postcat, postsuper -d/-h/-H/-r and qshape habits."""
 
 from __future__ import annotations
+
+import redis
 
 from bridge.index import IndexedMessage
 from bridge.queue_tools import summary
 from tests.conftest import CUSTOMER
 from tests.peers import Bridge
-from tests.wire import Wire, lmtp_send
+from tests.wire import CustomerMta, Wire, lmtp_send
 
 BODY = b"Subject: shown\r\n\r\n.dot line\r\n"
 
@@ -72,3 +74,72 @@ def test_summary_command_runs_against_the_index(bridge: Bridge) -> None:
     out = bridge.cli("queue", "summary").stdout.splitlines()
     assert out[1].split()[:3] == ["TOTAL", "1", "1"]
     assert out[2].split()[:2] == ["atrn.example", "1"]
+
+
+def collect(bridge: Bridge) -> list[tuple[str, list[str], bytes]]:
+    w = Wire(bridge.odmr_port)
+    w.login(*CUSTOMER)
+    code, _ = w.command("ATRN atrn.example")
+    if code != 250:
+        w.close()
+        return []
+    return CustomerMta(w).run()
+
+
+def test_a_message_on_hold_is_not_delivered_until_released(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY)
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["b@atrn.example"], BODY)
+    first, second = (m["queue_id"] for m in bridge.held("atrn.example"))
+    assert bridge.cli("queue", "hold", first).stdout == f"{first}: placed on hold\n"
+    assert (bridge.spool / "hold" / first).exists()
+    listing = bridge.cli("queue", "list").stdout
+    assert f"{first}!" in listing and f"{second} " in listing  # postqueue's hold mark
+    assert [m["queue_name"] for m in bridge.held()] == ["hold", "deferred"]
+    assert [m[1] for m in collect(bridge)] == [["b@atrn.example"]]
+    assert [m["queue_id"] for m in bridge.held()] == [first]
+    assert bridge.cli("queue", "release", "--domain", "atrn.example").stdout == \
+        f"{first}: released from hold\n"
+    assert [m[1] for m in collect(bridge)] == [["a@atrn.example"]]
+    assert bridge.held() == []
+
+
+def test_hold_survives_a_lost_index(bridge: Bridge, redis_url: str) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY)
+    [msg] = bridge.held()
+    bridge.cli("queue", "hold", msg["queue_id"])
+    redis.Redis.from_url(redis_url).flushall()
+    bridge.cli("reindex")
+    assert [(m["queue_id"], m["queue_name"]) for m in bridge.held()] == \
+        [(msg["queue_id"], "hold")]
+
+
+def test_requeue_gives_a_new_id_and_restarts_the_clock(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY)
+    [old] = bridge.held()
+    bridge.cli("queue", "hold", old["queue_id"])
+    out = bridge.cli("queue", "requeue", old["queue_id"]).stdout
+    assert out.startswith(f"{old['queue_id']}: requeued as ")
+    new_id = out.split()[-1]
+    [new] = bridge.held()
+    assert (new["queue_id"], new["queue_name"]) == (new_id, "deferred")
+    assert new["arrival_time"] > old["arrival_time"]
+    assert not (bridge.spool / "hold" / old["queue_id"]).exists()
+    assert bridge.cli("queue", "show", new_id).stdout.endswith(
+        BODY.decode().replace("\r\n", "\n") + "*** END OF MESSAGE ***\n")
+
+
+def test_state_changes_name_the_problem(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY)
+    [msg] = bridge.held()
+    qid = msg["queue_id"]
+    result = bridge.cli("queue", "release", qid, check=False)
+    assert result.returncode == 1 and f"{qid}: cannot release: the message is deferred" \
+        in result.stderr
+    for action in ("hold", "release", "requeue"):
+        result = bridge.cli("queue", action, "25XQYNF0NHQW54RM", check=False)
+        assert result.returncode == 1 and "no such message" in result.stderr
+        result = bridge.cli("queue", action, check=False)
+        assert result.returncode == 1 and f"nothing to {action}" in result.stderr
+    # One bad ID in a list changes nothing.
+    result = bridge.cli("queue", "hold", qid, "25XQYNF0NHQW54RM", check=False)
+    assert result.returncode == 1 and bridge.held()[0]["queue_name"] == "deferred"

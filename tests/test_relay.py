@@ -68,7 +68,7 @@ def test_a_message_over_the_customers_size_limit_is_not_sent(bridge: Bridge) -> 
     mta = collect(bridge, ehlo=["customer.test", "SIZE 500"])
     assert [m[1] for m in mta.messages] == [["small@atrn.example"]]
     assert bridge.held() == []
-    assert len(list((bridge.spool / "failed").iterdir())) == 1  # kept for the bounce
+    assert len(list((bridge.spool / "bounce").iterdir())) == 1  # the bounce, not yet sent
     assert "dsn=5.3.4, status=bounced" in bridge.log_text()
 
 

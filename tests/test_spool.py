@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 
 from bridge.spool import (
+    BOUNCE,
+    DEFERRED,
     DELIVERED,
-    FAILED,
+    HOLD,
     TRAILER,
     CorruptQueueFile,
     Envelope,
@@ -81,15 +84,36 @@ def test_rewrite_keeps_body_and_records_recipient_states(spool: Spool) -> None:
     assert [r.state for r in read_env.recipients] == [DELIVERED, "pending"]
 
 
-def test_retire_drops_delivered_and_keeps_failed_for_bounces(spool: Spool) -> None:
-    delivered, failed = envelope(), envelope()
-    spool.commit([(delivered, BODY), (failed, BODY)])
-    delivered.recipients[0].state = DELIVERED
-    failed.recipients[0].state = FAILED
-    spool.retire(delivered)
-    spool.retire(failed)
+def test_place_writes_a_new_envelope_with_another_messages_body(spool: Spool) -> None:
+    original = envelope()
+    spool.commit([(original, BODY)])
+    notice = dataclasses.replace(original, qid=new_qid(), about=original.qid)
+    spool.place(notice, original.qid, DEFERRED, BOUNCE)
+    with spool.open_body(notice.qid, BOUNCE) as (body, read_env):
+        assert body.read() == BODY
+    assert read_env.about == original.qid
+    assert list(spool.deferred_ids()) == [original.qid]
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_move_and_find_follow_a_message_between_queues(spool: Spool) -> None:
+    env = envelope()
+    spool.commit([(env, BODY)])
+    assert spool.find(env.qid) == DEFERRED
+    spool.move(env.qid, DEFERRED, HOLD)
+    assert spool.find(env.qid) == HOLD
     assert list(spool.deferred_ids()) == []
-    assert [p.name for p in spool.failed.iterdir()] == [failed.qid]
+    with pytest.raises(UnknownQueueId):
+        spool.move(env.qid, DEFERRED, HOLD)
+
+
+def test_remove_drops_a_message(spool: Spool) -> None:
+    env = envelope()
+    spool.commit([(env, BODY)])
+    spool.remove(env.qid)
+    assert list(spool.deferred_ids()) == []
+    with pytest.raises(UnknownQueueId):
+        spool.find(env.qid)
 
 
 def test_clear_incoming_removes_unacknowledged_leftovers(spool: Spool) -> None:

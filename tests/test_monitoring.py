@@ -1,0 +1,96 @@
+"""What operators watch: the Prometheus endpoint and Postfix-style logs (stderr or syslog)."""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import CUSTOMER
+from tests.peers import Bridge, wait_for
+from tests.wire import CustomerMta, Wire, lmtp_send
+
+BODY = b"Subject: watched\r\n\r\nbody\r\n"
+
+
+def scrape(bridge: Bridge) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    url = f"http://127.0.0.1:{bridge.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_show_the_hold_queue_and_what_happened(bridge: Bridge) -> None:
+    sessions = ("odmr_bridge_odmr_sessions_total", ())
+    before = scrape(bridge)  # (the fixture's start-up probe was a session too)
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY)
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["b@atrn.example", "c@second.example"], BODY)
+    w = Wire(bridge.odmr_port)
+    assert w.reply()[0] == 220 and w.command("EHLO customer")[0] == 250
+    assert w.cram_md5(CUSTOMER[0], "wrong password")[0] == 535
+    w.close()
+    m = scrape(bridge)
+    atrn, second = (("domain", "atrn.example"),), (("domain", "second.example"),)
+    assert m[("odmr_bridge_held_messages", atrn)] == 2
+    assert m[("odmr_bridge_held_messages", second)] == 1
+    assert m[("odmr_bridge_held_bytes", atrn)] == 2 * len(BODY)
+    assert 0 < m[("odmr_bridge_oldest_message_age_seconds", atrn)] < 60
+    assert m[("odmr_bridge_intake_messages_total", ())] == 3
+    assert m[("odmr_bridge_auth_failures_total", (("mechanism", "CRAM-MD5"),))] == 1
+    assert m[sessions] - before[sessions] == 1
+    assert m[("odmr_bridge_redis_up", ())] == 1
+
+    w = Wire(bridge.odmr_port)
+    w.login(*CUSTOMER)
+    assert w.command("ATRN atrn.example")[0] == 250
+    CustomerMta(w, {"b@atrn.example": "451 4.2.0 later"}).run()
+    m = scrape(bridge)
+    assert m[("odmr_bridge_recipients_total", (("status", "sent"),))] == 1
+    assert m[("odmr_bridge_recipients_total", (("status", "deferred"),))] == 1
+    assert m[("odmr_bridge_atrn_total", (("result", "reversed"),))] == 1
+    # The delivered message leaves the index right after the session's QUIT.
+    wait_for(lambda: scrape(bridge)[("odmr_bridge_held_messages", atrn)] == 1,
+             what="the delivered message to leave the index")
+
+
+@pytest.fixture
+def syslog_socket() -> Iterator[tuple[Path, socket.socket]]:
+    """A stand-in for /dev/log: a unix datagram socket, like rsyslog's or journald's."""
+    directory = Path(tempfile.mkdtemp(prefix="odmr-log-"))  # short: unix socket paths
+    path = directory / "log"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(10)
+    yield path, sock
+    sock.close()
+    path.unlink()
+    directory.rmdir()
+
+
+def test_logs_go_to_syslog_with_the_mail_facility(tmp_path: Path, redis_url: str,
+                                                  syslog_socket: tuple[Path, socket.socket]
+                                                  ) -> None:
+    path, sock = syslog_socket
+    bridge = Bridge(tmp_path / "bridge", redis_url, extra_env={
+        "ODMR_BRIDGE_LOG_TARGET": "syslog", "ODMR_BRIDGE_LOG_SYSLOG_SOCKET": str(path)})
+    bridge.add_domain("atrn.example", *CUSTOMER)
+    bridge.start()
+    try:
+        [(_, reply)] = lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY)
+        qid = reply.split()[-1]
+        lines: list[str] = []
+        while not any(f"{qid}: from=<s@x.test>" in line for line in lines):
+            lines.append(sock.recv(65536).decode())
+    finally:
+        bridge.stop()
+    line = next(line for line in lines if qid in line)
+    # <22> = facility mail (2) * 8 + severity info (6); then Postfix's "program/service[pid]:".
+    assert line.startswith("<22>odmr-bridge/bridge.lmtp[")
+    assert f"]: {qid}: from=<s@x.test>, size={len(BODY)}, nrcpt=1" in line
+    assert bridge.log_text() == ""  # nothing on stderr
+
