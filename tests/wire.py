@@ -129,7 +129,10 @@ class CustomerMta:
     def run_after_greeting(self) -> list[tuple[str, list[str], bytes]]:
         sender, rcpts = "", list[str]()
         while True:
-            line = self.w.read_line().decode().rstrip("\r\n")
+            raw = self.w.read_line()
+            if not raw:
+                raise ConnectionError("the provider closed the connection")
+            line = raw.decode().rstrip("\r\n")
             self.commands.append(line)
             verb = line.split(" ", 1)[0].upper()
             if verb == "EHLO" and self.refuse_ehlo:
@@ -156,6 +159,8 @@ class CustomerMta:
                 self.reply("354 go ahead")
                 data = b""
                 while (chunk := self.w.read_line()) != b".\r\n":
+                    if not chunk:
+                        raise ConnectionError("the provider closed the connection in DATA")
                     data += chunk[1:] if chunk.startswith(b".") else chunk
                 self.messages.append((sender, rcpts, data))
                 self.reply("250 2.0.0 Ok: delivered")
