@@ -189,6 +189,11 @@ class Lifecycle:
                 log.error("%s: moved to corrupt: %s", qid, exc)
                 await asyncio.to_thread(spool.quarantine, qid, BOUNCE)
                 continue
+            except Exception as exc:  # a bug must not stop the other notices
+                log.error("%s: cannot build notice, kept for the next pass: %s: %s", qid,
+                          type(exc).__name__, exc)
+                kept += 1
+                continue
             if await self._deliver(qid, notice, message, now):
                 await asyncio.to_thread(spool.remove, qid, BOUNCE)
                 done += 1

@@ -7,6 +7,8 @@ as long as asked (default 10 minutes) with the "fuzz" Hypothesis profile.
 from __future__ import annotations
 
 import contextlib
+import email
+import email.policy
 import io
 import json
 import os
@@ -16,13 +18,23 @@ import scramp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge import cram, sasl
+from bridge import bounce, cram, sasl
 from bridge.accounts import Accounts, AccountsError
 from bridge.config import ConfigError, build
 from bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
 from bridge.odmr import parse_atrn_argument, with_enhanced_code
 from bridge.smtp_client import ProtocolError, parse_reply_line
-from bridge.spool import MAGIC, TRAILER, CorruptQueueFile, parse_header
+from bridge.spool import (
+    DELIVERED,
+    FAILED,
+    MAGIC,
+    PENDING,
+    TRAILER,
+    CorruptQueueFile,
+    Envelope,
+    Recipient,
+    parse_header,
+)
 
 settings.register_profile("ci", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -115,3 +127,27 @@ def test_scram_client_messages(first: str) -> None:
 def test_stored_scram_credential(text: str) -> None:
     with contextlib.suppress(ValueError):
         sasl.scram_auth_info(text)
+
+
+addresses = st.from_regex(r"\A[a-z0-9.+-]{1,10}@[a-z0-9.-]{1,12}\Z")
+recipient_states = st.sampled_from([FAILED, PENDING, DELIVERED])
+
+
+@given(st.binary(max_size=600), st.lists(st.tuples(addresses, st.text(max_size=60),
+                                                   st.lists(st.text(max_size=30), max_size=3)),
+                                         min_size=1, max_size=3),
+       recipient_states, st.lists(st.text(max_size=30), max_size=3), st.integers(0, 1000))
+def test_bounce_builder(original: bytes, rcpts: list[tuple[str, str, list[str]]], state: str,
+                        mail_options: list[str], size_limit: int) -> None:
+    """Whatever the original message and the recorded replies, a notice is built
+    and parses back as a multipart/report (the sender's client must read it)."""
+    notice = Envelope(qid="25XQYNF0NHQW54RM", domain="atrn.example", sender="s@x.test",
+                      arrival=1.0e9, size=len(original), about="25XQYNF0NHQW54RN",
+                      recipients=[Recipient(a, options, state, reason)
+                                  for a, reason, options in rcpts],
+                      mail_options=mail_options)
+    raw = bounce.build(notice, io.BytesIO(original),
+                       bounce.ReportSettings("provider.test", 5 * 86400.0, size_limit), 1.0e9)
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/report"
+    assert len(list(parsed.iter_parts())) == 3
