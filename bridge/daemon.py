@@ -185,7 +185,7 @@ class Daemon:
         metrics_server = None
         if settings.metrics.listen:
             metrics_server = metrics.serve(parse_host_port(settings.metrics.listen),
-                                           redis_url(settings))
+                                           redis_url(settings), queue.spool)
         queue_manager = asyncio.create_task(lifecycle.run(self.stopping))
         log.info("listening: lmtp %s, odmr %s%s%s", settings.lmtp.listen, settings.odmr.listen,
                  f", odmr+tls {settings.odmr.tls_listen}" if settings.odmr.tls_listen else "",

@@ -129,8 +129,10 @@ class Lifecycle:
         if not due:
             return 0
         done = 0
-        async with self.queue.exclusive(domain):
+        async with self.queue.exclusive(domain) as lease:
             for qid in due:
+                if lease.lost:
+                    break
                 async with self.queue.checkout(domain, qid) as found:
                     if found is not None and await step(found[0]):
                         done += 1

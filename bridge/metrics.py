@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
 from bridge import keys
+from bridge.spool import BOUNCE, Spool
 
 INTAKE_MESSAGES = Counter("odmr_bridge_intake_messages",
                           "Messages committed to the hold queue (one per ATRN domain)")
@@ -42,12 +43,18 @@ def _number(value: bytes | str | None) -> float:
 
 
 class HoldQueueCollector(Collector):
-    """Per-domain gauges from the Redis index, read at each scrape."""
+    """Per-domain gauges from the Redis index, and the notices waiting in the
+    spool's bounce/ directory, read at each scrape."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, spool: Spool) -> None:
         self.redis = client
+        self.spool = spool
 
     def collect(self) -> Iterator[Metric]:
+        waiting = GaugeMetricFamily("odmr_bridge_notices_waiting",
+                                    "Notices to senders not yet accepted by the host MTA")
+        waiting.add_metric([], sum(1 for _ in self.spool.ids(BOUNCE)))
+        yield waiting
         up = GaugeMetricFamily("odmr_bridge_redis_up",
                                "1 when the Redis index answered this scrape")
         try:
@@ -93,9 +100,9 @@ class HoldQueueCollector(Collector):
         return rows
 
 
-def serve(listen: tuple[str, int], redis_url: str,
+def serve(listen: tuple[str, int], redis_url: str, spool: Spool,
           registry: CollectorRegistry = REGISTRY) -> Any:
     """Start the /metrics HTTP endpoint on its own thread; returns the server (shutdown())."""
-    registry.register(HoldQueueCollector(redis.Redis.from_url(redis_url)))
+    registry.register(HoldQueueCollector(redis.Redis.from_url(redis_url), spool))
     server, _thread = start_http_server(listen[1], listen[0], registry=registry)
     return server

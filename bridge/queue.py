@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 
 from bridge.dsn import notify_wants
 from bridge.index import Index
+from bridge.leases import LeaseKeeper
 from bridge.spool import (
     BOUNCE,
     DEFERRED,
@@ -43,7 +44,7 @@ from bridge.spool import (
 
 log = logging.getLogger("bridge.queue")
 
-# How long an operator command or the expiry pass may keep a domain to itself.
+# Lease time of an operator command or a queue pass on a domain (renewed while it runs).
 EXCLUSIVE_SECONDS = 60.0
 
 # Which NOTIFY word asks for a notice about a recipient in this state.
@@ -110,15 +111,19 @@ class HoldQueue:
         return await self.index.queued_ids(domain)
 
     @contextlib.asynccontextmanager
-    async def exclusive(self, domain: str) -> AsyncIterator[None]:
-        """Keep ATRN sessions off *domain* while the block runs; DomainBusy if one is on it."""
-        token = self.index.new_token()
-        if not await self.index.acquire(domain, token, EXCLUSIVE_SECONDS):
+    async def exclusive(self, domain: str) -> AsyncIterator[LeaseKeeper]:
+        """Keep ATRN sessions off *domain* while the block runs; DomainBusy if one is on it.
+
+        The lease is renewed while the block runs; a long block checks
+        ``lease.lost`` between steps.
+        """
+        lease = LeaseKeeper(self.index, EXCLUSIVE_SECONDS)
+        if not await lease.acquire([domain]):
             raise DomainBusy(f"{domain} is being collected by an ATRN session right now")
         try:
-            yield
+            yield lease
         finally:
-            await self.index.release(domain, token)
+            await lease.release()
 
     @contextlib.asynccontextmanager
     async def checkout(self, domain: str,

@@ -30,28 +30,37 @@ def test_metrics_show_the_hold_queue_and_what_happened(bridge: Bridge) -> None:
     before = scrape(bridge)  # (the fixture's start-up probe was a session too)
     lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example"], BODY)
     lmtp_send(bridge.lmtp_port, "s@x.test", ["b@atrn.example", "c@second.example"], BODY)
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["c@atrn.example"], BODY)
     w = Wire(bridge.odmr_port)
     assert w.reply()[0] == 220 and w.command("EHLO customer")[0] == 250
     assert w.cram_md5(CUSTOMER[0], "wrong password")[0] == 535
     w.close()
     m = scrape(bridge)
     atrn, second = (("domain", "atrn.example"),), (("domain", "second.example"),)
-    assert m[("odmr_bridge_held_messages", atrn)] == 2
+    assert m[("odmr_bridge_held_messages", atrn)] == 3
     assert m[("odmr_bridge_held_messages", second)] == 1
-    assert m[("odmr_bridge_held_bytes", atrn)] == 2 * len(BODY)
+    assert m[("odmr_bridge_held_bytes", atrn)] == 3 * len(BODY)
     assert 0 < m[("odmr_bridge_oldest_message_age_seconds", atrn)] < 60
-    assert m[("odmr_bridge_intake_messages_total", ())] == 3
+    assert m[("odmr_bridge_intake_messages_total", ())] == 4
     assert m[("odmr_bridge_auth_failures_total", (("mechanism", "CRAM-MD5"),))] == 1
     assert m[sessions] - before[sessions] == 1
     assert m[("odmr_bridge_redis_up", ())] == 1
+    assert m[("odmr_bridge_notices_waiting", ())] == 0
 
     w = Wire(bridge.odmr_port)
     w.login(*CUSTOMER)
     assert w.command("ATRN atrn.example")[0] == 250
-    CustomerMta(w, {"b@atrn.example": "451 4.2.0 later"}).run()
+    CustomerMta(w, {"b@atrn.example": "451 4.2.0 later",
+                    "c@atrn.example": "550 5.1.1 unknown"}).run()
     m = scrape(bridge)
     assert m[("odmr_bridge_recipients_total", (("status", "sent"),))] == 1
     assert m[("odmr_bridge_recipients_total", (("status", "deferred"),))] == 1
+    assert m[("odmr_bridge_recipients_total", (("status", "bounced"),))] == 1
+    # The bounce waits: the fixture's host MTA (bounce.relay) does not answer.
+    wait_for(lambda: scrape(bridge)[("odmr_bridge_notices_total",
+                                     (("kind", "failed"), ("status", "deferred")))] >= 1,
+             what="the bounce to be tried")
+    assert scrape(bridge)[("odmr_bridge_notices_waiting", ())] == 1
     assert m[("odmr_bridge_atrn_total", (("result", "reversed"),))] == 1
     # The delivered message leaves the index right after the session's QUIT.
     wait_for(lambda: scrape(bridge)[("odmr_bridge_held_messages", atrn)] == 1,
