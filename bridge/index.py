@@ -123,6 +123,14 @@ class Index:
                                                         f"({cutoff!r}")
         return [_text(q) for q in raw]
 
+    async def oldest(self, domains: list[str]) -> dict[str, float]:
+        """Arrival of each domain's oldest deliverable message (if any); one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for domain in domains:
+            pipe.zrange(keys.deferred(domain), 0, 0, withscores=True)
+        return {domain: float(first[0][1])
+                for domain, first in zip(domains, await pipe.execute(), strict=True) if first}
+
     async def warned(self, domain: str, qids: list[str]) -> list[bool]:
         """For each message: has its sender had a delay warning?"""
         pipe = self.redis.pipeline(transaction=False)

@@ -110,7 +110,12 @@ class Lifecycle:
     async def run_pass(self, now: float | None = None) -> PassReport:
         when = time.time() if now is None else now
         report = PassReport()
-        for domain in await self.queue.index.domains():
+        # Only domains whose oldest message is due for something are visited.
+        ages = [self.policy.max_hold] + ([self.policy.delay_warning]
+                                         if self.policy.delay_warning > 0 else [])
+        cutoff = when - min(ages)
+        oldest = await self.queue.index.oldest(await self.queue.index.domains())
+        for domain in sorted(d for d, arrival in oldest.items() if arrival < cutoff):
             try:
                 report.expired += await self._expire(domain, when)
                 report.warned += await self._warn(domain, when)
