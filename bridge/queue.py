@@ -191,6 +191,7 @@ class HoldQueue:
             # meanwhile is harmless: checkout() drops entries without a file.
             self.spool.remove(envelope.qid, sync=False)
             self._unsynced.append((envelope.domain, envelope.qid))
+            log.info("%s: removed", envelope.qid)
 
     async def notify(self, envelope: Envelope, recipients: list[Recipient]) -> str | None:
         """Queue a delivery status notification to the sender about *recipients*.

@@ -101,6 +101,8 @@ def test_a_message_on_hold_is_not_delivered_until_released(bridge: Bridge) -> No
         f"{first}: released from hold\n"
     assert [m[1] for m in collect(bridge)] == [["a@atrn.example"]]
     assert bridge.held() == []
+    log = bridge.log_text()
+    assert f"{first}: to=<a@atrn.example>" in log and f"{first}: removed" in log
 
 
 def test_hold_survives_a_lost_index(bridge: Bridge, redis_url: str) -> None:
