@@ -130,7 +130,7 @@ def _format_postqueue(messages: list[IndexedMessage]) -> str:
     total = 0
     for m in messages:
         when = datetime.datetime.fromtimestamp(m.arrival).strftime("%a %b %d %H:%M:%S")
-        qid = m.qid + ("!" if m.held else "")  # postqueue's mark for the hold queue
+        qid = m.qid + ("!" if m.queue == "hold" else "")  # postqueue's mark for on hold
         out.append(f"{qid:<19} {m.size:>8} {when:>20} {m.sender or 'MAILER-DAEMON'}")
         for address, state in m.recipients:
             mark = "" if state == "pending" else f"  ({state})"
@@ -154,10 +154,13 @@ async def _queue_list(settings: config.Settings, domain: str | None, as_json: bo
             messages.extend(await index.messages(d))
     finally:
         await client.aclose()
+    # Notices to senders waiting for the host MTA, like Postfix's MAILER-DAEMON entries.
+    messages += [n for n in queue_tools.notices(Spool(settings.spool.dir))
+                 if domain is None or n.domain == domain.lower()]
     messages.sort(key=lambda m: m.arrival)
     if as_json:
         print(json.dumps([
-            {"queue_name": "hold" if m.held else "deferred",
+            {"queue_name": m.queue,
              "queue_id": m.qid, "domain": m.domain, "arrival_time": m.arrival,
              "message_size": m.size, "sender": m.sender,
              "recipients": [{"address": a, "state": s} for a, s in m.recipients]}

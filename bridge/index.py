@@ -32,7 +32,7 @@ class IndexedMessage:
     size: int
     sender: str
     recipients: list[tuple[str, str]]  # (address, state)
-    held: bool = False  # on hold by the operator
+    queue: str = "deferred"  # or "hold" (by the operator); "bounce" for a notice (spool only)
 
 
 def _text(value: bytes | str) -> str:
@@ -156,7 +156,7 @@ class Index:
                 qid=qid, domain=domain, arrival=float(fields["arrival"]),
                 size=int(fields["size"]), sender=fields["sender"],
                 recipients=[(a, s) for a, s in json.loads(fields["rcpts"])],
-                held=fields.get("queue") == "hold",
+                queue=fields.get("queue", "deferred"),
             ))
         found.sort(key=lambda m: m.arrival)
         return found

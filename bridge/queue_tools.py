@@ -17,7 +17,18 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from bridge.index import IndexedMessage
 from bridge.queue import DomainBusy, HoldQueue
-from bridge.spool import DEFERRED, HOLD, PENDING, Envelope, UnknownQueueId, new_qid, valid_qid
+from bridge.spool import (
+    BOUNCE,
+    DEFERRED,
+    HOLD,
+    PENDING,
+    CorruptQueueFile,
+    Envelope,
+    Spool,
+    UnknownQueueId,
+    new_qid,
+    valid_qid,
+)
 
 log = logging.getLogger("bridge.queue_tools")
 
@@ -33,8 +44,23 @@ def _stamp(when: float) -> str:
     return datetime.datetime.fromtimestamp(when).strftime("%a %b %d %H:%M:%S %Y")
 
 
+def notices(spool: Spool) -> list[IndexedMessage]:
+    """Notices waiting in bounce/, as listing entries: from MAILER-DAEMON to the sender."""
+    found = []
+    for qid in spool.ids(BOUNCE):
+        try:
+            with spool.open_body(qid, BOUNCE) as (_, notice):
+                written = spool.path(qid, BOUNCE).stat().st_mtime
+        except (UnknownQueueId, CorruptQueueFile, FileNotFoundError):
+            continue  # sent meanwhile, or the queue pass will quarantine it
+        found.append(IndexedMessage(qid=qid, domain=notice.domain, arrival=written,
+                                    size=notice.size, sender="",
+                                    recipients=[(notice.sender, PENDING)], queue=BOUNCE))
+    return found
+
+
 def _locate(queue: HoldQueue, qid: str) -> tuple[str, Envelope]:
-    """(deferred or hold, envelope) of a held message; QueueToolError naming the problem."""
+    """(queue, envelope) of a held message or notice; QueueToolError naming the problem."""
     if not valid_qid(qid):
         raise QueueToolError(f"{qid}: not a queue ID")
     try:
@@ -42,6 +68,8 @@ def _locate(queue: HoldQueue, qid: str) -> tuple[str, Envelope]:
         return where, queue.spool.read_envelope(qid, where)
     except UnknownQueueId:
         raise QueueToolError(f"{qid}: no such message in the hold queue") from None
+    except CorruptQueueFile as exc:
+        raise QueueToolError(f"corrupt queue file: {exc}") from None
 
 
 def show(queue: HoldQueue, qid: str) -> bytes:
@@ -59,6 +87,7 @@ def show(queue: HoldQueue, qid: str) -> bytes:
         f"message_size: {envelope.size}",
         f"message_arrival_time: {_stamp(envelope.arrival)}",
         f"sender: {envelope.sender}",
+        *([f"notice_about: {envelope.about}"] if envelope.about else []),
         f"mail_options: {' '.join(envelope.mail_options)}",
     ]
     for rcpt in envelope.recipients:
@@ -75,8 +104,8 @@ async def _each(queue: HoldQueue, qids: Iterable[str], wanted: tuple[str, ...],
     found = [(qid, *_locate(queue, qid)) for qid in qids]
     for qid, where, _ in found:
         if where not in wanted:
-            raise QueueToolError(f"{qid}: cannot {action}: the message is {where}"
-                                 f"{' (on hold)' if where == HOLD else ''}")
+            what = {HOLD: "on hold", DEFERRED: "deferred", BOUNCE: "a notice to a sender"}
+            raise QueueToolError(f"{qid}: cannot {action}: the message is {what[where]}")
     return [(where, envelope) for _, where, envelope in found]
 
 
@@ -101,7 +130,8 @@ async def _exclusive_each(queue: HoldQueue, messages: list[tuple[str, Envelope]]
 
 async def _delete(queue: HoldQueue, where: str, envelope: Envelope) -> str:
     await asyncio.to_thread(queue.spool.remove, envelope.qid, where)
-    await queue.index.remove(envelope.domain, envelope.qid)
+    if where != BOUNCE:  # notices are not indexed
+        await queue.index.remove(envelope.domain, envelope.qid)
     log.info("%s: removed by the operator", envelope.qid)
     return envelope.qid
 
@@ -135,8 +165,8 @@ async def _requeue(queue: HoldQueue, where: str, envelope: Envelope) -> str:
 
 
 async def delete(queue: HoldQueue, qids: Iterable[str]) -> list[str]:
-    """``postsuper -d``: remove held messages (deliverable or on hold)."""
-    messages = await _each(queue, qids, (DEFERRED, HOLD), "delete")
+    """``postsuper -d``: remove held messages (deliverable or on hold) or notices."""
+    messages = await _each(queue, qids, (DEFERRED, HOLD, BOUNCE), "delete")
     return await _exclusive_each(queue, messages, _delete)
 
 

@@ -261,8 +261,8 @@ class Spool:
         return self.ids(DEFERRED)
 
     def find(self, qid: str) -> str:
-        """The queue holding message *qid*: deferred or hold."""
-        for queue in (DEFERRED, HOLD):
+        """The queue holding file *qid*: deferred, hold or bounce."""
+        for queue in QUEUES:
             if self.path(qid, queue).exists():
                 return queue
         raise UnknownQueueId(qid)

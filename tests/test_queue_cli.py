@@ -7,7 +7,7 @@ import redis
 from bridge.index import IndexedMessage
 from bridge.queue_tools import summary
 from tests.conftest import CUSTOMER
-from tests.peers import Bridge
+from tests.peers import Bridge, wait_for
 from tests.wire import CustomerMta, Wire, lmtp_send
 
 BODY = b"Subject: shown\r\n\r\n.dot line\r\n"
@@ -145,3 +145,26 @@ def test_state_changes_name_the_problem(bridge: Bridge) -> None:
     # One bad ID in a list changes nothing.
     result = bridge.cli("queue", "hold", qid, "25XQYNF0NHQW54RM", check=False)
     assert result.returncode == 1 and bridge.held()[0]["queue_name"] == "deferred"
+
+
+def test_notices_waiting_for_the_host_mta_are_listed_shown_and_deletable(bridge: Bridge) -> None:
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["gone@atrn.example"], BODY)
+    [held] = bridge.held()
+    w = Wire(bridge.odmr_port)
+    w.login(*CUSTOMER)
+    assert w.command("ATRN atrn.example")[0] == 250
+    CustomerMta(w, {"gone@atrn.example": "550 5.1.1 unknown"}).run()
+    # The fixture's bounce.relay does not answer: the bounce waits in bounce/.
+    wait_for(lambda: bridge.held() != [] and bridge.held()[0]["queue_name"] == "bounce",
+             what="the bounce to be listed")
+    [notice] = bridge.held()
+    assert notice["sender"] == "" and notice["recipients"] == [
+        {"address": "s@x.test", "state": "pending"}]
+    assert "MAILER-DAEMON" in bridge.cli("queue", "list").stdout
+    shown = bridge.cli("queue", "show", notice["queue_id"]).stdout
+    assert "queue: bounce" in shown and f"notice_about: {held['queue_id']}" in shown
+    assert "recipient: gone@atrn.example [failed] (550 5.1.1 unknown)" in shown
+    result = bridge.cli("queue", "hold", notice["queue_id"], check=False)
+    assert result.returncode == 1 and "is a notice to a sender" in result.stderr
+    bridge.cli("queue", "delete", notice["queue_id"])
+    assert bridge.held() == []
