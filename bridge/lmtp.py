@@ -8,6 +8,7 @@ of the copy held for the recipient's domain.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import re
@@ -108,6 +109,56 @@ class IntakeHandler:
         return lines[-1]
 
 
+_DOT_LINE_END = b".\r\n"
+
+
+async def read_message(reader: asyncio.StreamReader, size_limit: int | None,
+                       line_limit: int) -> tuple[bytes, str | None]:
+    """Read DATA content up to the lone dot; returns (content, None) or (b"", error reply).
+
+    aiosmtpd reads DATA one line at a time, the costliest step of an intake;
+    here each read ends at the next ``.<CRLF>`` (or at the stream's buffer
+    limit), which for ordinary mail is a handful of reads per message.  The
+    terminator is the first ``.<CRLF>`` that starts a line.  Dot-stuffing is
+    undone (RFC 5321 4.5.2).  A message over *size_limit*, or with a line
+    longer than *line_limit* (CRLF included), is read to its end and
+    discarded, and the error reply returned.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    too_big = False
+    tail = b"\r\n"  # the start of the data counts as a line start
+    while True:
+        try:
+            piece = await reader.readuntil(_DOT_LINE_END)
+            before = piece[-5:-3] if len(piece) >= 5 else (tail + piece)[-5:-3]
+            ended = before == b"\r\n"
+        except asyncio.LimitOverrunError as exc:
+            # More than the buffer limit before the next ".<CRLF>": take what
+            # is safe to take (never a partial terminator) and look again.
+            piece = await reader.read(exc.consumed)
+            ended = False
+        size += len(piece)
+        if size_limit and size > size_limit:
+            too_big = True
+            chunks.clear()
+        if ended:
+            if not too_big:
+                chunks.append(piece[:-3])
+            break
+        if not too_big:
+            chunks.append(piece)
+        tail = piece[-2:] if len(piece) >= 2 else (tail + piece)[-2:]
+    if too_big:
+        return b"", replies.MESSAGE_TOO_BIG
+    content = b"".join(chunks)
+    if len(content) > line_limit - 2 and max(map(len, content.split(b"\r\n"))) > line_limit - 2:
+        return b"", replies.DATA_LINE_TOO_LONG
+    if content.startswith(b"."):
+        content = content[1:]
+    return content.replace(b"\r\n.", b"\r\n"), None
+
+
 class IntakeServer(LMTP):
     """aiosmtpd's LMTP with the bridge's limits; one instance per connection.
 
@@ -168,9 +219,33 @@ class IntakeServer(LMTP):
         return result
 
     async def smtp_DATA(self, arg: str) -> None:
-        self._recipients_in_data = len(self.envelope.rcpt_tos) if self.envelope else 0
+        """aiosmtpd's DATA with :func:`read_message` instead of its line-by-line loop."""
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        self._recipients_in_data = len(self.envelope.rcpt_tos)
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            try:
+                content, error = await read_message(self._reader, self.data_size_limit,
+                                                    self.line_length_limit)
+            except asyncio.CancelledError:  # the connection was lost during DATA
+                self._writer.close()
+                raise
+            if error is not None:
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                await self.push(error)  # repeated for each recipient (push)
+                return
+            self.envelope.content = self.envelope.original_content = content
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(status)
         finally:
             self._recipients_in_data = self._fan_out = 0
 

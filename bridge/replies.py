@@ -19,6 +19,7 @@ QUEUED = "250 2.0.0 <{rcpt}> OK: queued as {qid}"
 LOCAL_ERROR = "451 4.3.0 <{rcpt}> Error: queue file write error, try again later"
 STORAGE_FULL = "452 4.3.1 <{rcpt}> Error: insufficient system storage, try again later"
 MESSAGE_TOO_BIG = "552 5.3.4 Error: message too big"
+DATA_LINE_TOO_LONG = "500 5.5.6 Error: message line longer than 1000 octets (RFC 5321 4.5.3.1.6)"
 
 # --- ODMR, before reversal (RFC 2645) -----------------------------------
 AUTH_OK = "235 2.7.0 Authentication successful"
