@@ -225,7 +225,17 @@ class Lifecycle:
                             notice.about, exc)
                 return True
             reason = str(exc)
+        except UnicodeError:
+            # A UTF-8 address and a host MTA without SMTPUTF8: it never will be.
+            metrics.NOTICES.labels(kind, "bounced").inc()
+            log.warning("%s: from=<>, to=<%s>, relay=%s, status=bounced (%s notice for %s not "
+                        "sent: the host MTA does not offer SMTPUTF8)", qid, notice.sender, where,
+                        kind, notice.about)
+            return True
         except (TimeoutError, OSError, smtplib.SMTPException) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # unforeseen: keep it, and keep sending the others
+            log.error("%s: sending the notice failed: %s: %s", qid, type(exc).__name__, exc)
             reason = f"{type(exc).__name__}: {exc}"
         else:
             metrics.NOTICES.labels(kind, "sent").inc()

@@ -17,6 +17,7 @@ from email.message import EmailMessage, Message
 from pathlib import Path
 
 import pytest
+from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from bridge.bounce import ReportSettings
@@ -266,6 +267,36 @@ async def test_a_notice_refused_for_good_is_dropped(queue: HoldQueue,
         assert (await Lifecycle(queue, policy(port)).run_pass()).sent == 1
     assert list(queue.spool.ids(BOUNCE)) == [] and mta.messages == []
     assert "status=bounced" in caplog.text and "sender unknown here" in caplog.text
+
+
+async def test_a_utf8_sender_gets_its_bounce_over_smtputf8(
+        queue: HoldQueue, host_mta: tuple[int, ScriptedMta]) -> None:
+    port, mta = host_mta  # an MTA that offers SMTPUTF8
+    qid = await hold(queue, [Recipient("a@atrn.example")], sender="s\u00e9@x.test",
+                     options=["SMTPUTF8"])
+    await customer_answers(queue, qid, {"a@atrn.example": Outcome(FAILED, "550 no")})
+    assert (await Lifecycle(queue, policy(port)).run_pass()).sent == 1
+    assert mta.messages[0][1] == ["s\u00e9@x.test"]
+
+
+async def test_a_utf8_sender_behind_a_host_mta_without_smtputf8_is_given_up(
+        queue: HoldQueue, caplog: pytest.LogCaptureFixture) -> None:
+    mta = SinkHandler()
+    port = free_port()
+    controller = Controller(mta, hostname="127.0.0.1", port=port, enable_SMTPUTF8=False)
+    controller.start()
+    try:
+        qid = await hold(queue, [Recipient("a@atrn.example")], sender="s\u00e9@x.test",
+                         options=["SMTPUTF8"])
+        other = await hold(queue, [Recipient("b@atrn.example")])
+        await customer_answers(queue, qid, {"a@atrn.example": Outcome(FAILED, "550 no")})
+        await customer_answers(queue, other, {"b@atrn.example": Outcome(FAILED, "550 no")})
+        report = await Lifecycle(queue, policy(port)).run_pass()
+    finally:
+        controller.stop()
+    assert (report.sent, report.kept) == (2, 0)  # one given up, the other sent
+    assert [m[1] for m in mta.messages] == [["s@x.test"]]
+    assert "does not offer SMTPUTF8" in caplog.text
 
 
 async def test_messages_on_hold_do_not_expire(queue: HoldQueue,
