@@ -37,6 +37,11 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     ({}, {"ODMR_BRIDGE_SPOOL_DIRR": "/x"}, "ODMR_BRIDGE_SPOOL_DIRR"),
     ({}, {"ODMR_BRIDGE_ODMR_LEASE_SECONDS": "soon"}, "ODMR_BRIDGE_ODMR_LEASE_SECONDS"),
     ({"log": {"level": "loud"}}, {}, "log.level"),
+    ({"log": {"target": "file"}}, {}, "log.target"),
+    ({"bounce": {"relay": "localhost"}}, {}, "bounce.relay"),
+    ({"metrics": {"listen": ":9366"}}, {}, "metrics.listen"),
+    ({"queue": {"max_hold": 0}}, {}, "queue.max_hold"),
+    ({"queue": {"delay_warning": 500000.0}}, {}, "queue.delay_warning"),
 ])
 def test_bad_settings_stop_with_the_key_named(data: dict, env: dict, named: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
