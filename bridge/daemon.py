@@ -169,6 +169,11 @@ class Daemon:
             max_bad_commands=settings.odmr.max_bad_commands,
             after_drain=lifecycle.kick,
         )
+        # Metrics first: once the mail ports answer, so does /metrics.
+        metrics_server = None
+        if settings.metrics.listen:
+            metrics_server = metrics.serve(parse_host_port(settings.metrics.listen),
+                                           redis_url(settings), queue.spool)
         self.servers = [
             await listen(self._tracked(lambda: IntakeServer(
                 intake, hostname=name, data_size_limit=settings.lmtp.max_message_size,
@@ -182,10 +187,6 @@ class Daemon:
         certificates = CertificateReloader(tls_context, settings.tls) if tls_context else None
         if certificates is not None:
             certificates.start()
-        metrics_server = None
-        if settings.metrics.listen:
-            metrics_server = metrics.serve(parse_host_port(settings.metrics.listen),
-                                           redis_url(settings), queue.spool)
         queue_manager = asyncio.create_task(lifecycle.run(self.stopping))
         log.info("listening: lmtp %s, odmr %s%s%s", settings.lmtp.listen, settings.odmr.listen,
                  f", odmr+tls {settings.odmr.tls_listen}" if settings.odmr.tls_listen else "",

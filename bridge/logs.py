@@ -11,9 +11,19 @@ import logging
 import logging.handlers
 import sys
 
-FORMAT = "%(asctime)s odmr-bridge/%(name)s[%(process)d]: %(message)s"
-# syslog adds the time stamp and host itself; the tag is Postfix's "program/service[pid]:".
-SYSLOG_FORMAT = "odmr-bridge/%(name)s[%(process)d]: %(message)s"
+# Postfix's tag is "program/service[pid]:" (postfix/smtp[123]:); ours names the
+# module: odmr-bridge/relay[123]:, so log tools filter on "odmr-bridge".
+FORMAT = "%(asctime)s odmr-bridge/%(service)s[%(process)d]: %(message)s"
+# syslog adds the time stamp and host itself.
+SYSLOG_FORMAT = "odmr-bridge/%(service)s[%(process)d]: %(message)s"
+
+
+class _Service(logging.Filter):
+    """Adds ``service``: the logger name without the package (bridge.relay -> relay)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.service = record.name.removeprefix("bridge.")
+        return True
 
 
 def _handler(target: str, syslog_socket: str) -> logging.Handler:
@@ -29,7 +39,9 @@ def _handler(target: str, syslog_socket: str) -> logging.Handler:
 
 def setup(level: str = "info", target: str = "stderr", syslog_socket: str = "/dev/log") -> None:
     root = logging.getLogger()
-    root.handlers[:] = [_handler(target, syslog_socket)]
+    handler = _handler(target, syslog_socket)
+    handler.addFilter(_Service())
+    root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # aiosmtpd logs every command line (AUTH responses included) at INFO and
     # deprecation chatter at WARNING; our own modules log the events.
