@@ -174,10 +174,14 @@ class Bridge:
         self._log_handle.close()
         return code
 
-    def held(self, domain: str | None = None) -> list[dict]:  # type: ignore[type-arg]
+    def held(self, domain: str | None = None,
+             notices: bool = False) -> list[dict]:  # type: ignore[type-arg]
+        """`queue list --json`: the messages held for customers (and, if asked,
+        the notices to senders waiting in bounce/)."""
         import json
         args = ["queue", "list", "--json"] + ([domain] if domain else [])
-        return json.loads(self.cli(*args).stdout)  # type: ignore[no-any-return]
+        listed = json.loads(self.cli(*args).stdout)
+        return [m for m in listed if notices or m["queue_name"] != "bounce"]
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

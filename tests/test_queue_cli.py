@@ -155,9 +155,9 @@ def test_notices_waiting_for_the_host_mta_are_listed_shown_and_deletable(bridge:
     assert w.command("ATRN atrn.example")[0] == 250
     CustomerMta(w, {"gone@atrn.example": "550 5.1.1 unknown"}).run()
     # The fixture's bounce.relay does not answer: the bounce waits in bounce/.
-    wait_for(lambda: bridge.held() != [] and bridge.held()[0]["queue_name"] == "bounce",
-             what="the bounce to be listed")
-    [notice] = bridge.held()
+    wait_for(lambda: bridge.held(notices=True) != [] and
+             bridge.held(notices=True)[0]["queue_name"] == "bounce", what="the bounce listed")
+    [notice] = bridge.held(notices=True)
     assert notice["sender"] == "" and notice["recipients"] == [
         {"address": "s@x.test", "state": "pending"}]
     assert "MAILER-DAEMON" in bridge.cli("queue", "list").stdout
@@ -167,4 +167,4 @@ def test_notices_waiting_for_the_host_mta_are_listed_shown_and_deletable(bridge:
     result = bridge.cli("queue", "hold", notice["queue_id"], check=False)
     assert result.returncode == 1 and "is a notice to a sender" in result.stderr
     bridge.cli("queue", "delete", notice["queue_id"])
-    assert bridge.held() == []
+    assert bridge.held(notices=True) == []
