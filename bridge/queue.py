@@ -152,7 +152,14 @@ class HoldQueue:
         try:
             yield (envelope, body) if envelope.pending() else None
         finally:
-            reader.__exit__(None, None, None)
+            if envelope.pending():
+                reader.__exit__(None, None, None)
+            else:
+                # Delivered and unlinked: the last close frees the file, the
+                # costliest step of a delivery; let a worker thread pay it
+                # while the next message goes out.
+                asyncio.get_running_loop().run_in_executor(None, reader.__exit__, None, None,
+                                                           None)
 
     async def load(self, domain: str, qid: str) -> Envelope | None:
         """The envelope of a held message with pending recipients, or None."""
