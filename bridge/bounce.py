@@ -25,7 +25,7 @@ from email.utils import format_datetime, formatdate, make_msgid
 from io import BytesIO
 
 from bridge.dsn import parameter, xtext_decode
-from bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable
+from bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient
 
 # Byte-faithful for the original (compat32 keeps its headers as they came), CRLF on the wire.
 _POLICY = compat32.clone(linesep="\r\n")
@@ -70,6 +70,11 @@ def status_of(state: str, reason: str) -> tuple[str, str | None]:
     return default, None
 
 
+def _reason(rcpt: Recipient) -> str:
+    """The recipient's last reply; for a delay never tried, that it waits for its customer."""
+    return rcpt.reason or (_WAITING if rcpt.state == PENDING else "")
+
+
 def _date(when: float) -> str:
     return format_datetime(datetime.fromtimestamp(when, UTC).astimezone())
 
@@ -89,8 +94,7 @@ def _delivery_status(notice: Envelope, settings: ReportSettings, now: float) -> 
     per_message.append(("Arrival-Date", _date(notice.arrival)))
     blocks: list[Message | str] = [_fields(per_message)]
     for rcpt in notice.recipients:
-        reason = rcpt.reason or (_WAITING if rcpt.state == PENDING else "")
-        status, diagnostic = status_of(rcpt.state, reason)
+        status, diagnostic = status_of(rcpt.state, _reason(rcpt))
         fields = []
         if orcpt := parameter(rcpt.options, "ORCPT"):
             kind, _, address = orcpt.partition(";")
@@ -122,7 +126,7 @@ def _human_text(notice: Envelope, settings: ReportSettings) -> str:
         "",
     ]
     for rcpt in notice.recipients:
-        reason = rcpt.reason or (_WAITING if rcpt.state == PENDING else "")
+        reason = _reason(rcpt)
         lines.append(f"<{rcpt.address}>: {reason}" if reason else f"<{rcpt.address}>")
     return "\n".join(lines) + "\n"
 
@@ -137,7 +141,6 @@ def _returned(notice: Envelope, original: bytes, settings: ReportSettings) -> Me
     ret = parameter(notice.mail_options, "RET")
     full = (notice.recipients[0].state == FAILED and ret != "HDRS"
             and len(original) <= settings.size_limit)
-    eight_bit = any(byte > 127 for byte in original)
     if full:
         part: Message = MIMEMessage(message_from_bytes(original, policy=_POLICY), "rfc822",
                                     policy=_POLICY)
@@ -147,7 +150,7 @@ def _returned(notice: Envelope, original: bytes, settings: ReportSettings) -> Me
         part["Content-Type"] = "text/rfc822-headers"
         part["Content-Description"] = "Message Headers"
         part.set_payload(_headers_only(original).decode("ascii", "surrogateescape"))
-    if eight_bit:
+    if needs_8bit(original if full else _headers_only(original)):
         part["Content-Transfer-Encoding"] = "8bit"
     return part
 
@@ -173,4 +176,4 @@ def build(notice: Envelope, body: Readable, settings: ReportSettings, now: float
 
 
 def needs_8bit(message: bytes) -> bool:
-    return any(byte > 127 for byte in message)
+    return not message.isascii()

@@ -212,10 +212,10 @@ def _validate(settings: Settings) -> None:
             parse_listen(value)
         except ValueError as exc:
             raise ConfigError(f"{name}: {exc}") from None
-    for name, value in (("bounce.relay", settings.bounce.relay),
-                        ("metrics.listen", settings.metrics.listen)):
-        if name == "metrics.listen" and not value:
-            continue
+    peers = [("bounce.relay", settings.bounce.relay)]
+    if settings.metrics.listen:
+        peers.append(("metrics.listen", settings.metrics.listen))
+    for name, value in peers:
         try:
             parse_host_port(value)
         except ValueError as exc:
@@ -304,12 +304,20 @@ class SystemdSocket:
     name: str
 
 
-def parse_host_port(value: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` too) -> (host, port)."""
+def _split_host_port(value: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port`` too) -> (host, port), host possibly empty; None if not."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"expected host:port, got {value!r}")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return None
     return host.strip("[]"), int(port)
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` to connect to -> (host, port); both must be given."""
+    split = _split_host_port(value)
+    if split is None or not split[0] or not split[1]:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return split
 
 
 def parse_listen(value: str) -> tuple[str, int] | str | SystemdSocket:
@@ -319,7 +327,7 @@ def parse_listen(value: str) -> tuple[str, int] | str | SystemdSocket:
         return value
     if value.startswith("systemd:") and len(value) > len("systemd:"):
         return SystemdSocket(value[len("systemd:"):])
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    split = _split_host_port(value)
+    if split is None:
         raise ValueError(f"expected host:port or an absolute socket path, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return split[0] or "0.0.0.0", split[1]

@@ -50,11 +50,11 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     return aioredis.from_url(redis_url(settings))
 
 
-def lifecycle_policy(settings: Settings) -> LifecyclePolicy:
+def lifecycle_policy(settings: Settings, reporting_mta: str) -> LifecyclePolicy:
     return LifecyclePolicy(
         max_hold=settings.queue.max_hold, delay_warning=settings.queue.delay_warning,
         interval=settings.queue.sweep_interval, relay=parse_host_port(settings.bounce.relay),
-        report=ReportSettings(reporting_mta=hostname(settings),
+        report=ReportSettings(reporting_mta=reporting_mta,
                               max_hold=settings.queue.max_hold,
                               size_limit=settings.bounce.size_limit))
 
@@ -152,7 +152,7 @@ class Daemon:
             return lambda domain: domain in in_map or in_file.is_atrn_domain(domain)
 
         intake = IntakeHandler(queue, atrn_domains)
-        lifecycle = Lifecycle(queue, lifecycle_policy(settings))
+        lifecycle = Lifecycle(queue, lifecycle_policy(settings, name))
         tls_context = server_context(settings.tls)
         throttle = AuthThrottle(queue.index.redis, ThrottlePolicy(
             settings.auth.max_failures, settings.auth.failure_window, settings.auth.failure_delay))

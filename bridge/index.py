@@ -175,10 +175,6 @@ class Index:
         return bool(await self.redis.set(keys.lease(domain), token, nx=True,
                                          px=int(ttl_seconds * 1000)))
 
-    async def leased(self, domain: str) -> bool:
-        """Is an ATRN session collecting *domain* right now?"""
-        return bool(await self.redis.exists(keys.lease(domain)))
-
     async def renew(self, domain: str, token: str, ttl_seconds: float) -> bool:
         return bool(await self._renew(keys=[keys.lease(domain)],
                                       args=[token, int(ttl_seconds * 1000)]))

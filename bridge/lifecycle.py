@@ -72,7 +72,9 @@ def send_notice(relay: tuple[str, int], helo: str, recipient: str, message: byte
         options = []
         if bounce.needs_8bit(message) and smtp.has_extn("8bitmime"):
             options.append("BODY=8BITMIME")
-        if not recipient.isascii() and smtp.has_extn("smtputf8"):
+        if not recipient.isascii():
+            if not smtp.has_extn("smtputf8"):  # a UTF-8 address: it never will be
+                raise NoticeRefused("the host MTA does not offer SMTPUTF8", permanent=True)
             options.append("SMTPUTF8")
         code, text = smtp.mail("", options)
         if code == 250:
@@ -225,13 +227,6 @@ class Lifecycle:
                             notice.about, exc)
                 return True
             reason = str(exc)
-        except UnicodeError:
-            # A UTF-8 address and a host MTA without SMTPUTF8: it never will be.
-            metrics.NOTICES.labels(kind, "bounced").inc()
-            log.warning("%s: from=<>, to=<%s>, relay=%s, status=bounced (%s notice for %s not "
-                        "sent: the host MTA does not offer SMTPUTF8)", qid, notice.sender, where,
-                        kind, notice.about)
-            return True
         except (TimeoutError, OSError, smtplib.SMTPException) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # unforeseen: keep it, and keep sending the others

@@ -201,7 +201,8 @@ class HoldQueue:
             log.info("%s: removed", envelope.qid)
 
     async def notify(self, envelope: Envelope, recipients: list[Recipient]) -> str | None:
-        """Queue a delivery status notification to the sender about *recipients*.
+        """Queue a delivery status notification to the sender about *recipients*
+        of the deferred message *envelope*.
 
         Their state says what is reported (failed, delayed, relayed).  Nothing
         is queued for the null sender, nor for recipients whose NOTIFY does
@@ -213,8 +214,8 @@ class HoldQueue:
             return None
         notice = dataclasses.replace(envelope, qid=new_qid(), recipients=wanted,
                                      about=envelope.qid)
-        source = DEFERRED if self.spool.path(envelope.qid, DEFERRED).exists() else HOLD
-        await asyncio.to_thread(self.spool.place, notice, envelope.qid, source, BOUNCE)
+        # Only deliverable messages are settled, expired or warned about.
+        await asyncio.to_thread(self.spool.place, notice, envelope.qid, DEFERRED, BOUNCE)
         log.info("%s: sender %s notification: %s", envelope.qid,
                  _NOTICE_NAME[wanted[0].state], notice.qid)
         return notice.qid

@@ -9,11 +9,12 @@ lease first, so it never races an ATRN session delivering the same message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from bridge.index import IndexedMessage
 from bridge.queue import DomainBusy, HoldQueue
@@ -59,27 +60,32 @@ def notices(spool: Spool) -> list[IndexedMessage]:
     return found
 
 
-def _locate(queue: HoldQueue, qid: str) -> tuple[str, Envelope]:
-    """(queue, envelope) of a held message or notice; QueueToolError naming the problem."""
+@contextlib.contextmanager
+def _looked_up(qid: str) -> Iterator[None]:
+    """Turn a bad, unknown or corrupt queue ID into a QueueToolError naming the problem."""
     if not valid_qid(qid):
         raise QueueToolError(f"{qid}: not a queue ID")
     try:
-        where = queue.spool.find(qid)
-        return where, queue.spool.read_envelope(qid, where)
+        yield
     except UnknownQueueId:
         raise QueueToolError(f"{qid}: no such message in the hold queue") from None
     except CorruptQueueFile as exc:
         raise QueueToolError(f"corrupt queue file: {exc}") from None
 
 
+def _locate(queue: HoldQueue, qid: str) -> tuple[str, Envelope]:
+    """(queue, envelope) of a held message or notice."""
+    with _looked_up(qid):
+        where = queue.spool.find(qid)
+        return where, queue.spool.read_envelope(qid, where)
+
+
 def show(queue: HoldQueue, qid: str) -> bytes:
     """``postcat``: the envelope, each recipient's state, then the message."""
-    where, _ = _locate(queue, qid)
-    try:
+    with _looked_up(qid):
+        where = queue.spool.find(qid)
         with queue.spool.open_body(qid, where) as (body, envelope):
             content = body.read()
-    except UnknownQueueId:
-        raise QueueToolError(f"{qid}: no such message in the hold queue") from None
     lines = [
         f"*** ENVELOPE RECORDS {qid} ***",
         f"queue: {where}",

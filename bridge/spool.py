@@ -139,12 +139,10 @@ class Spool:
         self.root = Path(root)
         self.incoming = self.root / "incoming"
         self.deferred = self.root / DEFERRED
-        self.hold = self.root / HOLD
-        self.bounce = self.root / BOUNCE
         self.corrupt = self.root / "corrupt"
 
     def ensure(self) -> None:
-        for d in (self.incoming, self.deferred, self.hold, self.bounce, self.corrupt):
+        for d in (self.incoming, self.corrupt, *(self.directory(q) for q in QUEUES)):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def clear_incoming(self) -> int:
@@ -260,9 +258,6 @@ class Spool:
         for entry in os.scandir(self.directory(queue)):
             if entry.is_file() and valid_qid(entry.name):
                 yield entry.name
-
-    def deferred_ids(self) -> Iterator[str]:
-        return self.ids(DEFERRED)
 
     def find(self, qid: str) -> str:
         """The queue holding file *qid*: deferred, hold or bounce."""

@@ -59,7 +59,7 @@ def test_a_full_spool_tempfails_intake_and_recovers(tmp_path: Path, redis_url: s
         # Nothing half-written is visible: every queue file is whole, the index
         # lists exactly the acknowledged messages, incoming/ holds no leftovers.
         spool = Spool(small_spool)
-        assert sorted(spool.deferred_ids()) == sorted(accepted)
+        assert sorted(spool.ids()) == sorted(accepted)
         for qid in accepted:
             with spool.open_body(qid) as (body, _):
                 assert body.read() == MESSAGE

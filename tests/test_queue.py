@@ -24,7 +24,7 @@ async def test_commit_holds_once_per_domain_and_indexes_each(queue: HoldQueue) -
     [msg] = await queue.index.messages("atrn.example")
     assert msg.recipients == [("a@atrn.example", PENDING), ("b@atrn.example", PENDING)]
     assert await queue.index.stats("atrn.example") == {"messages": 1, "bytes": len(BODY)}
-    assert sorted(queue.spool.deferred_ids()) == sorted(qids.values())
+    assert sorted(queue.spool.ids()) == sorted(qids.values())
 
 
 async def test_partial_delivery_keeps_the_rest_held(queue: HoldQueue) -> None:
@@ -95,7 +95,7 @@ async def test_a_failed_index_write_leaves_no_unacknowledged_file(queue: HoldQue
         assert "WRONGTYPE" in str(exc)
     else:
         raise AssertionError("commit should have failed")
-    assert list(queue.spool.deferred_ids()) == []
+    assert list(queue.spool.ids()) == []
 
 
 async def test_one_lease_per_domain_released_only_by_its_holder(index: Index) -> None:

@@ -92,7 +92,7 @@ def test_place_writes_a_new_envelope_with_another_messages_body(spool: Spool) ->
     with spool.open_body(notice.qid, BOUNCE) as (body, read_env):
         assert body.read() == BODY
     assert read_env.about == original.qid
-    assert list(spool.deferred_ids()) == [original.qid]
+    assert list(spool.ids()) == [original.qid]
     assert list(spool.incoming.iterdir()) == []
 
 
@@ -102,7 +102,7 @@ def test_move_and_find_follow_a_message_between_queues(spool: Spool) -> None:
     assert spool.find(env.qid) == DEFERRED
     spool.move(env.qid, DEFERRED, HOLD)
     assert spool.find(env.qid) == HOLD
-    assert list(spool.deferred_ids()) == []
+    assert list(spool.ids()) == []
     with pytest.raises(UnknownQueueId):
         spool.move(env.qid, DEFERRED, HOLD)
 
@@ -111,7 +111,7 @@ def test_remove_drops_a_message(spool: Spool) -> None:
     env = envelope()
     spool.commit([(env, BODY)])
     spool.remove(env.qid)
-    assert list(spool.deferred_ids()) == []
+    assert list(spool.ids()) == []
     with pytest.raises(UnknownQueueId):
         spool.find(env.qid)
 
