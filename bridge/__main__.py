@@ -1,5 +1,5 @@
 import sys
 
-from bridge.cli import main
+from odmr_bridge.cli import main
 
 sys.exit(main())

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from bridge import sasl
+from odmr_bridge import sasl
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _USER = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")

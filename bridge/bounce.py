@@ -24,8 +24,8 @@ from email.policy import compat32
 from email.utils import format_datetime, formatdate, make_msgid
 from io import BytesIO
 
-from bridge.dsn import parameter, xtext_decode
-from bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient
+from odmr_bridge.dsn import parameter, xtext_decode
+from odmr_bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient
 
 # Byte-faithful for the original (compat32 keeps its headers as they came), CRLF on the wire.
 _POLICY = compat32.clone(linesep="\r\n")

@@ -14,16 +14,16 @@ from typing import TextIO
 
 import redis.exceptions
 
-from bridge import config, postfix_setup, queue_tools
-from bridge.accounts import AccountsError, AccountsFile, DomainLimits, normalize_domain
-from bridge.daemon import Daemon, redis_client
-from bridge.embedded_redis import EmbeddedRedisError
-from bridge.index import Index, IndexedMessage
-from bridge.logs import setup as setup_logging
-from bridge.queue import HoldQueue
-from bridge.spool import Spool
-from bridge.systemd import ActivationError
-from bridge.transport_map import TransportMap, map_path, reload_postfix
+from odmr_bridge import __version__, config, postfix_setup, queue_tools
+from odmr_bridge.accounts import AccountsError, AccountsFile, DomainLimits, normalize_domain
+from odmr_bridge.daemon import Daemon, redis_client
+from odmr_bridge.embedded_redis import EmbeddedRedisError
+from odmr_bridge.index import Index, IndexedMessage
+from odmr_bridge.logs import setup as setup_logging
+from odmr_bridge.queue import HoldQueue
+from odmr_bridge.spool import Spool
+from odmr_bridge.systemd import ActivationError
+from odmr_bridge.transport_map import TransportMap, map_path, reload_postfix
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -222,7 +222,7 @@ async def _reindex(settings: config.Settings) -> int:
 
 def run_milter(settings: config.Settings) -> int:
     try:
-        from bridge.milter import serve
+        from odmr_bridge.milter import serve
     except ImportError as exc:
         raise CliError(f"the milter needs pymilter: pip install 'odmr-bridge[milter]' ({exc})") \
             from None
@@ -238,6 +238,7 @@ def _count(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odmr-bridge", description=__doc__)
     parser.add_argument("-c", "--config", help="TOML configuration file")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("serve", help="run the LMTP intake and the ODMR listener")

@@ -21,24 +21,24 @@ from ssl import SSLContext
 import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP
 
-from bridge import metrics, systemd
-from bridge.accounts import Accounts
-from bridge.bounce import ReportSettings
-from bridge.config import Settings, SystemdSocket, parse_host_port, parse_listen
-from bridge.embedded_redis import EmbeddedRedis, url_for
-from bridge.index import Index
-from bridge.lifecycle import Lifecycle, LifecyclePolicy
-from bridge.lmtp import IntakeHandler, IntakeServer
-from bridge.odmr import OdmrContext, OdmrServer
-from bridge.queue import HoldQueue
-from bridge.relay import Timeouts
-from bridge.spool import Spool
-from bridge.throttle import AuthThrottle, ThrottlePolicy
-from bridge.tls import CertificateReloader, server_context
-from bridge.transport_map import watched_atrn_domains
-from bridge.watch import Reloading
+from odmr_bridge import metrics, systemd
+from odmr_bridge.accounts import Accounts
+from odmr_bridge.bounce import ReportSettings
+from odmr_bridge.config import Settings, SystemdSocket, parse_host_port, parse_listen
+from odmr_bridge.embedded_redis import EmbeddedRedis, url_for
+from odmr_bridge.index import Index
+from odmr_bridge.lifecycle import Lifecycle, LifecyclePolicy
+from odmr_bridge.lmtp import IntakeHandler, IntakeServer
+from odmr_bridge.odmr import OdmrContext, OdmrServer
+from odmr_bridge.queue import HoldQueue
+from odmr_bridge.relay import Timeouts
+from odmr_bridge.spool import Spool
+from odmr_bridge.throttle import AuthThrottle, ThrottlePolicy
+from odmr_bridge.tls import CertificateReloader, server_context
+from odmr_bridge.transport_map import watched_atrn_domains
+from odmr_bridge.watch import Reloading
 
-log = logging.getLogger("bridge.daemon")
+log = logging.getLogger("odmr_bridge.daemon")
 
 
 def redis_url(settings: Settings) -> str:

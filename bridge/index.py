@@ -16,12 +16,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from bridge import keys
-from bridge.spool import Envelope
+from odmr_bridge import keys
+from odmr_bridge.spool import Envelope
 
 
 def load_script(name: str) -> str:
-    return resources.files("bridge").joinpath("lua", name).read_text()
+    return resources.files("odmr_bridge").joinpath("lua", name).read_text()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import logging
 
-from bridge.index import Index
+from odmr_bridge.index import Index
 
-log = logging.getLogger("bridge.leases")
+log = logging.getLogger("odmr_bridge.leases")
 RELEASE_TIMEOUT = 2.0
 
 

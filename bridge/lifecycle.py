@@ -25,11 +25,11 @@ import smtplib
 import time
 from collections.abc import Awaitable, Callable
 
-from bridge import bounce, metrics
-from bridge.queue import DomainBusy, HoldQueue, Outcome
-from bridge.spool import BOUNCE, FAILED, CorruptQueueFile, Envelope, UnknownQueueId
+from odmr_bridge import bounce, metrics
+from odmr_bridge.queue import DomainBusy, HoldQueue, Outcome
+from odmr_bridge.spool import BOUNCE, FAILED, CorruptQueueFile, Envelope, UnknownQueueId
 
-log = logging.getLogger("bridge.lifecycle")
+log = logging.getLogger("odmr_bridge.lifecycle")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,13 +20,13 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
-from bridge import metrics, replies
-from bridge.accounts import recipient_domain
-from bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
-from bridge.queue import HoldQueue
-from bridge.spool import Recipient
+from odmr_bridge import metrics, replies
+from odmr_bridge.accounts import recipient_domain
+from odmr_bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
+from odmr_bridge.queue import HoldQueue
+from odmr_bridge.spool import Recipient
 
-log = logging.getLogger("bridge.lmtp")
+log = logging.getLogger("odmr_bridge.lmtp")
 
 # The spool's file system is full (or the spool user's quota is).
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

@@ -19,10 +19,10 @@ SYSLOG_FORMAT = "odmr-bridge/%(service)s[%(process)d]: %(message)s"
 
 
 class _Service(logging.Filter):
-    """Adds ``service``: the logger name without the package (bridge.relay -> relay)."""
+    """Adds ``service``: the logger name without the package (odmr_bridge.relay -> relay)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.service = record.name.removeprefix("bridge.")
+        record.service = record.name.removeprefix("odmr_bridge.")
         return True
 
 
@@ -46,5 +46,5 @@ def setup(level: str = "info", target: str = "stderr", syslog_socket: str = "/de
     # aiosmtpd logs every command line (AUTH responses included) at INFO and
     # deprecation chatter at WARNING; our own modules log the events.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
-    for name in ("bridge",):
+    for name in ("odmr_bridge",):
         logging.getLogger(name).setLevel(level.upper())

@@ -17,8 +17,8 @@ from prometheus_client import Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
-from bridge import keys
-from bridge.spool import BOUNCE, Spool
+from odmr_bridge import keys
+from odmr_bridge.spool import BOUNCE, Spool
 
 INTAKE_MESSAGES = Counter("odmr_bridge_intake_messages",
                           "Messages committed to the hold queue (one per ATRN domain)")

@@ -26,14 +26,14 @@ from typing import Any
 import Milter
 import redis
 
-from bridge import keys
-from bridge.accounts import Accounts, DomainLimits, recipient_domain
-from bridge.config import Settings
-from bridge.embedded_redis import url_for
-from bridge.transport_map import watched_atrn_domains
-from bridge.watch import Reloading
+from odmr_bridge import keys
+from odmr_bridge.accounts import Accounts, DomainLimits, recipient_domain
+from odmr_bridge.config import Settings
+from odmr_bridge.embedded_redis import url_for
+from odmr_bridge.transport_map import watched_atrn_domains
+from odmr_bridge.watch import Reloading
 
-log = logging.getLogger("bridge.milter")
+log = logging.getLogger("odmr_bridge.milter")
 
 
 class Policy:

@@ -1,9 +1,9 @@
 """The ODMR provider on port 366 (RFC 2645): EHLO, STARTTLS, AUTH, ATRN, then reversal.
 
 A small subclass of aiosmtpd's SMTP: it adds ``smtp_ATRN`` (and, through
-:class:`bridge.odmr_auth.SaslMixin`, the AUTH mechanisms) and refuses the
+:class:`odmr_bridge.odmr_auth.SaslMixin`, the AUTH mechanisms) and refuses the
 mail-transaction verbs.  After ``250`` the same connection, TLS included,
-is handed to :class:`bridge.relay.Relay`.
+is handed to :class:`odmr_bridge.relay.Relay`.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from typing import Any
 
 from aiosmtpd.smtp import Session
 
-from bridge import metrics, replies
-from bridge.accounts import Accounts, AccountsError, normalize_domain
-from bridge.leases import LeaseKeeper
-from bridge.odmr_auth import SaslMixin
-from bridge.queue import HoldQueue
-from bridge.relay import Relay, Timeouts
-from bridge.smtp_client import ProtocolError, is_enhanced_code
-from bridge.throttle import AuthThrottle
+from odmr_bridge import metrics, replies
+from odmr_bridge.accounts import Accounts, AccountsError, normalize_domain
+from odmr_bridge.leases import LeaseKeeper
+from odmr_bridge.odmr_auth import SaslMixin
+from odmr_bridge.queue import HoldQueue
+from odmr_bridge.relay import Relay, Timeouts
+from odmr_bridge.smtp_client import ProtocolError, is_enhanced_code
+from odmr_bridge.throttle import AuthThrottle
 
-log = logging.getLogger("bridge.odmr")
+log = logging.getLogger("odmr_bridge.odmr")
 
 
 @dataclasses.dataclass(frozen=True)

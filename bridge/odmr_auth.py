@@ -3,7 +3,7 @@
 Mechanisms: CRAM-MD5 (mandatory in RFC 2645, the only one fetchmail speaks),
 SCRAM-SHA-256 (RFC 7677, via scramp), and PLAIN and LOGIN only under TLS
 (``538 5.7.11`` otherwise).  ``*`` aborts any of them.  Failures are counted
-per client address and per user name in Redis (:mod:`bridge.throttle`).
+per client address and per user name in Redis (:mod:`odmr_bridge.throttle`).
 No password, digest or SASL blob is ever logged.
 """
 
@@ -22,17 +22,17 @@ import redis.exceptions
 import scramp
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
 
-from bridge import cram, metrics, replies, sasl
-from bridge.accounts import Accounts
-from bridge.throttle import AuthThrottle
+from odmr_bridge import cram, metrics, replies, sasl
+from odmr_bridge.accounts import Accounts
+from odmr_bridge.throttle import AuthThrottle
 
-log = logging.getLogger("bridge.odmr")
+log = logging.getLogger("odmr_bridge.odmr")
 
 CLEAR_TEXT_MECHANISMS = ("PLAIN", "LOGIN")
 
 
 class SaslMixin(SMTP):
-    """The AUTH half of :class:`bridge.odmr.OdmrServer`."""
+    """The AUTH half of :class:`odmr_bridge.odmr.OdmrServer`."""
 
     accounts: Callable[[], Accounts]
     throttle: AuthThrottle

@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from bridge.config import Settings
-from bridge.transport_map import map_path, run
+from odmr_bridge.config import Settings
+from odmr_bridge.transport_map import map_path, run
 
 LIST_SEPARATOR = ", "
 

@@ -23,10 +23,10 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
-from bridge.dsn import notify_wants
-from bridge.index import Index
-from bridge.leases import LeaseKeeper
-from bridge.spool import (
+from odmr_bridge.dsn import notify_wants
+from odmr_bridge.index import Index
+from odmr_bridge.leases import LeaseKeeper
+from odmr_bridge.spool import (
     BOUNCE,
     DEFERRED,
     DELIVERED,
@@ -42,7 +42,7 @@ from bridge.spool import (
     new_qid,
 )
 
-log = logging.getLogger("bridge.queue")
+log = logging.getLogger("odmr_bridge.queue")
 
 # Lease time of an operator command or a queue pass on a domain (renewed while it runs).
 EXCLUSIVE_SECONDS = 60.0

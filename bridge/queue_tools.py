@@ -16,9 +16,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
-from bridge.index import IndexedMessage
-from bridge.queue import DomainBusy, HoldQueue
-from bridge.spool import (
+from odmr_bridge.index import IndexedMessage
+from odmr_bridge.queue import DomainBusy, HoldQueue
+from odmr_bridge.spool import (
     BOUNCE,
     DEFERRED,
     HOLD,
@@ -31,7 +31,7 @@ from bridge.spool import (
     valid_qid,
 )
 
-log = logging.getLogger("bridge.queue_tools")
+log = logging.getLogger("odmr_bridge.queue_tools")
 
 # qshape's default buckets, in minutes.
 AGE_BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)

@@ -17,12 +17,12 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 
-from bridge import metrics
-from bridge.queue import HoldQueue, Outcome
-from bridge.smtp_client import Extensions, Reply, dot_stuff, read_reply
-from bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient
+from odmr_bridge import metrics
+from odmr_bridge.queue import HoldQueue, Outcome
+from odmr_bridge.smtp_client import Extensions, Reply, dot_stuff, read_reply
+from odmr_bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient
 
-log = logging.getLogger("bridge.relay")
+log = logging.getLogger("odmr_bridge.relay")
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 BODY_CHUNK = 64 * 1024

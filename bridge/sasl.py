@@ -2,7 +2,7 @@
 
 A password is never stored.  From it we derive, once, at ``domain add/set``:
 
-* ``cram-md5``: the precomputed HMAC-MD5 state (see :mod:`bridge.cram`);
+* ``cram-md5``: the precomputed HMAC-MD5 state (see :mod:`odmr_bridge.cram`);
 * ``scram-sha-256``: RFC 5802/7677 salt, iteration count, StoredKey and
   ServerKey (from ``scramp``, a maintained SCRAM library).
 
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import scramp
 
-from bridge import cram
+from odmr_bridge import cram
 
 SCRAM = "SCRAM-SHA-256"
 SCRAM_PREFIX = "{SCRAM-SHA-256}"

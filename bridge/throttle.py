@@ -13,8 +13,8 @@ import dataclasses
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from bridge import keys
-from bridge.index import load_script
+from odmr_bridge import keys
+from odmr_bridge.index import load_script
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,10 +13,10 @@ import logging
 import ssl
 from pathlib import Path
 
-from bridge.config import TlsSettings
-from bridge.watch import Reloading
+from odmr_bridge.config import TlsSettings
+from odmr_bridge.watch import Reloading
 
-log = logging.getLogger("bridge.tls")
+log = logging.getLogger("odmr_bridge.tls")
 
 
 def server_context(settings: TlsSettings) -> ssl.SSLContext | None:

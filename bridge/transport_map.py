@@ -12,9 +12,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from bridge.accounts import AccountsError, normalize_domain
-from bridge.config import Settings, SystemdSocket, parse_listen
-from bridge.watch import Reloading
+from odmr_bridge.accounts import AccountsError, normalize_domain
+from odmr_bridge.config import Settings, SystemdSocket, parse_listen
+from odmr_bridge.watch import Reloading
 
 _ENTRY = re.compile(r"^(?P<key>\S+)\s+(?P<value>\S.*?)\s*$")
 

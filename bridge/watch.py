@@ -17,7 +17,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 T = TypeVar("T")
-log = logging.getLogger("bridge.watch")
+log = logging.getLogger("odmr_bridge.watch")
 
 
 class Reloading(Generic[T]):

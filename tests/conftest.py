@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from bridge.accounts import AccountsFile
-from bridge.index import Index
-from bridge.queue import HoldQueue
-from bridge.spool import Spool
+from odmr_bridge.accounts import AccountsFile
+from odmr_bridge.index import Index
+from odmr_bridge.queue import HoldQueue
+from odmr_bridge.spool import Spool
 from tests.peers import Bridge, RedisServer
 
 CUSTOMER = ("cust", "s3cret-Pa55")

@@ -142,8 +142,9 @@ class Bridge:
 
     def cli(self, *args: str, stdin: str = "",
             check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "bridge", *args], input=stdin, env=self.env,
-                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+        result = subprocess.run([sys.executable, "-m", "odmr_bridge", *args], input=stdin,
+                                env=self.env, capture_output=True, text=True, cwd=ROOT,
+                                timeout=60)
         if check and result.returncode != 0:
             raise AssertionError(f"odmr-bridge {' '.join(args)} failed: {result.stderr}")
         return result
@@ -154,8 +155,9 @@ class Bridge:
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._log_handle = open(self.log, "ab")  # noqa: SIM115
-        self.process = subprocess.Popen([sys.executable, "-m", "bridge", "serve"], env=self.env,
-                                        stdout=self._log_handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.process = subprocess.Popen([sys.executable, "-m", "odmr_bridge", "serve"],
+                                        env=self.env, stdout=self._log_handle,
+                                        stderr=subprocess.STDOUT, cwd=ROOT)
         wait_for(lambda: self._check_alive() and port_open(self.lmtp_port)
                  and port_open(self.odmr_port), what="the bridge to listen")
 

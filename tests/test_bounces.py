@@ -20,10 +20,10 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from bridge.bounce import ReportSettings
-from bridge.lifecycle import Lifecycle, LifecyclePolicy
-from bridge.queue import HoldQueue, Outcome
-from bridge.spool import BOUNCE, DELIVERED, FAILED, PENDING, Recipient
+from odmr_bridge.bounce import ReportSettings
+from odmr_bridge.lifecycle import Lifecycle, LifecyclePolicy
+from odmr_bridge.queue import HoldQueue, Outcome
+from odmr_bridge.spool import BOUNCE, DELIVERED, FAILED, PENDING, Recipient
 from tests.conftest import CUSTOMER, need
 from tests.peers import Bridge, Postfix, SinkHandler, free_port, smtp_sink, wait_for
 from tests.wire import CustomerMta, Wire

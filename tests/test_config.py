@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import ConfigError, build, load, parse_listen
+from odmr_bridge.config import ConfigError, build, load, parse_listen
 
 
 def test_defaults_are_the_documented_ones() -> None:

@@ -8,7 +8,7 @@ import hmac
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge import cram
+from odmr_bridge import cram
 
 
 @given(password=st.binary(min_size=1, max_size=150), challenge=st.binary(max_size=300))

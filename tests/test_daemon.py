@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from bridge.accounts import AccountsFile
+from odmr_bridge.accounts import AccountsFile
 from tests.conftest import CUSTOMER
 from tests.peers import ROOT, Bridge, RedisServer, port_open, wait_for
 from tests.wire import Wire, lmtp_send
@@ -92,7 +92,7 @@ def test_port_366_can_come_from_systemd_socket_activation(tmp_path: Path, redis_
     launcher = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
                 "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', "
                 "LISTEN_FDNAMES='odmr'); "
-                "os.execv(sys.executable, [sys.executable, '-m', 'bridge', 'serve'])")
+                "os.execv(sys.executable, [sys.executable, '-m', 'odmr_bridge', 'serve'])")
     with open(b.log, "ab") as log:
         process = subprocess.Popen([sys.executable, "-c", launcher, str(listener.fileno())],
                                    env=b.env, cwd=ROOT, stdout=log, stderr=log,

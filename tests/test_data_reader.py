@@ -8,8 +8,8 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge import replies
-from bridge.lmtp import read_message
+from odmr_bridge import replies
+from odmr_bridge.lmtp import read_message
 
 LIMIT = 1001  # aiosmtpd's line_length_limit, also the StreamReader's buffer limit
 

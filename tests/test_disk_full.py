@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.spool import Spool
+from odmr_bridge.spool import Spool
 from tests.conftest import CUSTOMER
 from tests.peers import Bridge
 from tests.wire import lmtp_send

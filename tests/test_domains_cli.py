@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.accounts import Accounts, AccountsError, AccountsFile, normalize_domain
+from odmr_bridge.accounts import Accounts, AccountsError, AccountsFile, normalize_domain
 from tests.peers import Bridge
 
 

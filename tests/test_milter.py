@@ -34,7 +34,7 @@ class MilterProcess:
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "bridge", "milter"],
+            self.process = subprocess.Popen([sys.executable, "-m", "odmr_bridge", "milter"],
                                             env=self.env, cwd=ROOT, stdout=out, stderr=out)
         wait_for(lambda: port_open(self.port), what="the milter")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import scramp
 
-from bridge.accounts import AccountsFile
+from odmr_bridge.accounts import AccountsFile
 from tests.conftest import CUSTOMER, need
 from tests.peers import Bridge, fetchmail, free_port, self_signed_certificate, smtp_sink, wait_for
 from tests.wire import CustomerMta, Wire, lmtp_send

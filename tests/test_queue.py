@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from bridge import keys
-from bridge.index import Index
-from bridge.queue import HoldQueue, Outcome
-from bridge.spool import BOUNCE, DELIVERED, FAILED, PENDING, Recipient
+from odmr_bridge import keys
+from odmr_bridge.index import Index
+from odmr_bridge.queue import HoldQueue, Outcome
+from odmr_bridge.spool import BOUNCE, DELIVERED, FAILED, PENDING, Recipient
 
 BODY = b"Subject: t\r\n\r\nbody\r\n"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import redis
 
-from bridge.index import IndexedMessage
-from bridge.queue_tools import summary
+from odmr_bridge.index import IndexedMessage
+from odmr_bridge.queue_tools import summary
 from tests.conftest import CUSTOMER
 from tests.peers import Bridge, wait_for
 from tests.wire import CustomerMta, Wire, lmtp_send

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from bench.benchlib import fast_customer, odmr_login
-from bridge.spool import Envelope, Recipient, Spool, new_qid
+from odmr_bridge.spool import Envelope, Recipient, Spool, new_qid
 from tests.conftest import CUSTOMER
 from tests.peers import Bridge
 from tests.wire import CustomerMta, Wire, lmtp_send

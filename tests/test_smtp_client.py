@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.smtp_client import Extensions, ProtocolError, Reply, dot_stuff, parse_reply_line
+from odmr_bridge.smtp_client import Extensions, ProtocolError, Reply, dot_stuff, parse_reply_line
 
 
 def unstuff(wire: bytes) -> bytes:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bridge.spool import (
+from odmr_bridge.spool import (
     BOUNCE,
     DEFERRED,
     DELIVERED,

@@ -18,13 +18,13 @@ import scramp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge import bounce, cram, sasl
-from bridge.accounts import Accounts, AccountsError
-from bridge.config import ConfigError, build
-from bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
-from bridge.odmr import parse_atrn_argument, with_enhanced_code
-from bridge.smtp_client import ProtocolError, parse_reply_line
-from bridge.spool import (
+from odmr_bridge import bounce, cram, sasl
+from odmr_bridge.accounts import Accounts, AccountsError
+from odmr_bridge.config import ConfigError, build
+from odmr_bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
+from odmr_bridge.odmr import parse_atrn_argument, with_enhanced_code
+from odmr_bridge.smtp_client import ProtocolError, parse_reply_line
+from odmr_bridge.spool import (
     DELIVERED,
     FAILED,
     MAGIC,
