@@ -24,6 +24,7 @@ from odmr_bridge import metrics, replies
 from odmr_bridge.accounts import recipient_domain
 from odmr_bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
 from odmr_bridge.queue import HoldQueue
+from odmr_bridge.smtp_client import crlf_line_ends
 from odmr_bridge.spool import Recipient
 
 log = logging.getLogger("odmr_bridge.lmtp")
@@ -119,10 +120,13 @@ async def read_message(reader: asyncio.StreamReader, size_limit: int | None,
     aiosmtpd reads DATA one line at a time, the costliest step of an intake;
     here each read ends at the next ``.<CRLF>`` (or at the stream's buffer
     limit), which for ordinary mail is a handful of reads per message.  The
-    terminator is the first ``.<CRLF>`` that starts a line.  Dot-stuffing is
-    undone (RFC 5321 4.5.2).  A message over *size_limit*, or with a line
-    longer than *line_limit* (CRLF included), is read to its end and
-    discarded, and the error reply returned.
+    terminator is the first ``.<CRLF>`` that starts a line (after a CRLF: a
+    bare LF or CR never ends a line here).  Dot-stuffing is undone (RFC 5321
+    4.5.2), then every bare CR or LF becomes CRLF, as Postfix stores mail, so
+    that no later reader can take one for the end of DATA (SMTP smuggling).
+    A message over *size_limit*, or with a line longer than *line_limit*
+    (CRLF included), is read to its end and discarded, and the error reply
+    returned.
     """
     chunks: list[bytes] = []
     size = 0
@@ -156,7 +160,8 @@ async def read_message(reader: asyncio.StreamReader, size_limit: int | None,
         return b"", replies.DATA_LINE_TOO_LONG
     if content.startswith(b"."):
         content = content[1:]
-    return content.replace(b"\r\n.", b"\r\n"), None
+    content = content.replace(b"\r\n.", b"\r\n")
+    return b"".join(crlf_line_ends([content])), None
 
 
 class IntakeServer(LMTP):

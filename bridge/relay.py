@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 from odmr_bridge import metrics
 from odmr_bridge.queue import HoldQueue, Outcome
-from odmr_bridge.smtp_client import Extensions, Reply, dot_stuff, read_reply
+from odmr_bridge.smtp_client import Extensions, Reply, crlf_line_ends, dot_stuff, read_reply
 from odmr_bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient
 
 log = logging.getLogger("odmr_bridge.relay")
@@ -263,7 +263,9 @@ class Relay:
         return results
 
     async def _send_body(self, body: Readable) -> None:
-        pieces = dot_stuff(_chunks(body))
+        # Intake stores CRLF only; spools written before it did may hold bare
+        # CR or LF, which must never reach a customer as a line end.
+        pieces = dot_stuff(crlf_line_ends(_chunks(body)))
         if self.line_per_write:
             pieces = _lines(pieces)
         for piece in pieces:

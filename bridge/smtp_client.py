@@ -83,6 +83,35 @@ async def read_reply(reader: asyncio.StreamReader, timeout: float) -> Reply:
                 raise ProtocolError("reply has too many lines")
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def crlf_line_ends(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Every line end as CRLF: a bare CR or a bare LF becomes CRLF, chunk by chunk.
+
+    The defence against SMTP smuggling (CVE-2023-51764 and kin): a receiver
+    that takes a bare LF (or CR) for a line end would otherwise see a
+    ``<LF>.<CRLF>`` inside the content as the end of DATA and whatever follows
+    as new commands.  A CR at the end of a chunk waits for the next one, so a
+    CRLF split across chunks stays one line end.  Content that is already
+    all CRLF (all ordinary mail) passes through without a copy.
+    """
+    carry = b""
+    for chunk in chunks:
+        if carry:
+            chunk, carry = carry + chunk, b""
+        if chunk.endswith(b"\r"):
+            chunk, carry = chunk[:-1], b"\r"
+        if not chunk:
+            continue
+        lines = chunk.count(b"\n")
+        if chunk.count(b"\r") != lines or chunk.count(b"\r\n") != lines:
+            chunk = _LINE_END.sub(b"\r\n", chunk)
+        yield chunk
+    if carry:
+        yield b"\r\n"
+
+
 def dot_stuff(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Transparency (RFC 5321 4.5.2) for a CRLF body, chunk by chunk, plus the end.
 

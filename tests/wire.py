@@ -111,8 +111,12 @@ class CustomerMta:
     """The customer's side after the reversal, scripted per recipient."""
 
     def __init__(self, wire: Wire, rcpt_replies: dict[str, str] | None = None,
-                 ehlo: list[str] | None = None, refuse_ehlo: bool = False) -> None:
+                 ehlo: list[str] | None = None, refuse_ehlo: bool = False,
+                 bare_lf_ends_lines: bool = False) -> None:
         self.w = wire
+        # Like Postfix, Exim and Sendmail before their SMTP smuggling fixes:
+        # "<LF>.<LF>" or "<LF>.<CRLF>" also ends DATA.
+        self.data_ends = (b".\r\n", b".\n") if bare_lf_ends_lines else (b".\r\n",)
         self.rcpt_replies = rcpt_replies or {}
         self.ehlo = ehlo if ehlo is not None else ["customer.test", "8BITMIME", "SIZE 100000"]
         self.refuse_ehlo = refuse_ehlo
@@ -158,7 +162,7 @@ class CustomerMta:
                     continue
                 self.reply("354 go ahead")
                 data = b""
-                while (chunk := self.w.read_line()) != b".\r\n":
+                while (chunk := self.w.read_line()) not in self.data_ends:
                     if not chunk:
                         raise ConnectionError("the provider closed the connection in DATA")
                     data += chunk[1:] if chunk.startswith(b".") else chunk
