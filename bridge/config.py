@@ -52,6 +52,10 @@ class OdmrSettings:
     hostname: str = ""
     # Error replies a client may provoke before it is disconnected (421).
     max_bad_commands: int = 10
+    # Per client address, over every instance on this Redis (Postfix's anvil):
+    # connections at once, and new connections per minute (0: no limit).
+    client_connection_limit: int = 50
+    client_connection_rate_limit: int = 300
     # How long one ATRN session may hold a domain without renewing its lease.
     lease_seconds: float = 60.0
     # Idle time allowed before ATRN, and per step of the reversed session.
@@ -230,6 +234,11 @@ def _validate(settings: Settings) -> None:
                          ("bounce.size_limit", settings.bounce.size_limit)):
         if number <= 0:
             raise ConfigError(f"{name}: must be positive, got {number!r}")
+    for name, number in (("odmr.client_connection_limit", settings.odmr.client_connection_limit),
+                         ("odmr.client_connection_rate_limit",
+                          settings.odmr.client_connection_rate_limit)):
+        if number < 0:
+            raise ConfigError(f"{name}: must be 0 (no limit) or positive, got {number!r}")
     if not 0 <= settings.queue.delay_warning < settings.queue.max_hold:
         raise ConfigError("queue.delay_warning: must be 0 (off) or less than queue.max_hold, "
                           f"got {settings.queue.delay_warning!r}")

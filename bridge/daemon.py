@@ -10,25 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import resource
 import signal
 import socket
 import weakref
 from collections.abc import Callable
 from pathlib import Path
 from ssl import SSLContext
+from typing import Any
 
 import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP
 
 from odmr_bridge import metrics, systemd
 from odmr_bridge.accounts import Accounts
+from odmr_bridge.anvil import AdmissionGate, Anvil, AnvilPolicy
 from odmr_bridge.bounce import ReportSettings
 from odmr_bridge.config import Settings, SystemdSocket, parse_host_port, parse_listen
 from odmr_bridge.embedded_redis import EmbeddedRedis, url_for
 from odmr_bridge.index import Index
 from odmr_bridge.lifecycle import Lifecycle, LifecyclePolicy
 from odmr_bridge.lmtp import IntakeHandler, IntakeServer
+from odmr_bridge.logs import Occasional
 from odmr_bridge.odmr import OdmrContext, OdmrServer
 from odmr_bridge.queue import HoldQueue
 from odmr_bridge.relay import Timeouts
@@ -63,7 +68,7 @@ def hostname(settings: Settings) -> str:
     return settings.odmr.hostname or socket.getfqdn()
 
 
-async def listen(factory: Callable[[], SMTP], where: str,
+async def listen(factory: Callable[[], asyncio.BaseProtocol], where: str,
                  ssl: SSLContext | None = None) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     target = parse_listen(where)
@@ -76,6 +81,38 @@ async def listen(factory: Callable[[], SMTP], where: str,
     host, port = target
     return await loop.create_server(factory, host, port, reuse_address=True, ssl=ssl,
                                     backlog=1024)
+
+
+# accept() failing for want of descriptors: asyncio stops accepting on that
+# socket for a second and retries; say so once a minute, without a traceback.
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    occasionally = Occasional()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _OUT_OF_DESCRIPTORS \
+                and "accept" in str(context.get("message", "")):
+            metrics.ACCEPT_PAUSES.inc()
+            if occasionally():
+                log.warning("warning: accept: %s; not accepting new connections for a "
+                            "moment (raise LimitNOFILE?)", exc.strerror)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+def raise_descriptor_limit() -> int:
+    """The soft RLIMIT_NOFILE up to the hard one (systemd's LimitNOFILE sets both)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+    return soft
 
 
 def _abort(transport: asyncio.BaseTransport) -> None:
@@ -107,8 +144,16 @@ class Daemon:
             return protocol
         return factory
 
+    def _gated(self, anvil: Anvil,
+               make: Callable[[Callable[[], None]], SMTP]) -> Callable[[], AdmissionGate]:
+        """Port 366: each connection passes the per-client limits first."""
+        return lambda: AdmissionGate(anvil, lambda release: self._tracked(
+            lambda: make(release))())
+
     async def run(self) -> int:
         settings = self.settings
+        quiet_accept_errors(asyncio.get_running_loop())
+        log.info("file descriptors: %d", raise_descriptor_limit())
         spool = Spool(settings.spool.dir)
         spool.ensure()
         if removed := spool.clear_incoming():
@@ -157,6 +202,10 @@ class Daemon:
         throttle = AuthThrottle(queue.index.redis, ThrottlePolicy(
             settings.auth.max_failures, settings.auth.failure_window, settings.auth.failure_delay))
         await throttle.prepare()
+        anvil = Anvil(queue.index.redis, AnvilPolicy(
+            max_connections=settings.odmr.client_connection_limit,
+            max_rate=settings.odmr.client_connection_rate_limit))
+        anvil_renewal = asyncio.create_task(anvil.renew_forever())
         odmr = OdmrContext(
             queue=queue, accounts=accounts, hostname=name, throttle=throttle,
             lease_seconds=settings.odmr.lease_seconds,
@@ -178,11 +227,13 @@ class Daemon:
             await listen(self._tracked(lambda: IntakeServer(
                 intake, hostname=name, data_size_limit=settings.lmtp.max_message_size,
                 timeout=settings.lmtp.timeout)), settings.lmtp.listen),
-            await listen(self._tracked(lambda: OdmrServer(odmr)), settings.odmr.listen),
+            await listen(self._gated(anvil, lambda release: OdmrServer(odmr, on_close=release)),
+                         settings.odmr.listen),
         ]
         if settings.odmr.tls_listen:
             self.servers.append(await listen(
-                self._tracked(lambda: OdmrServer(odmr, tls_on_connect=True)),
+                self._gated(anvil, lambda release: OdmrServer(odmr, tls_on_connect=True,
+                                                              on_close=release)),
                 settings.odmr.tls_listen, ssl=tls_context))
         certificates = CertificateReloader(tls_context, settings.tls) if tls_context else None
         if certificates is not None:
@@ -202,6 +253,7 @@ class Daemon:
         # short (safe at any point: a notice is removed only once accepted).
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(queue_manager, self.settings.odmr.shutdown_grace)
+        anvil_renewal.cancel()
         if metrics_server is not None:
             metrics_server.shutdown()
 

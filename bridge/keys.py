@@ -15,6 +15,9 @@ Sentinel, is).
     bridge:{d}:lease               STRING token of the ATRN session collecting d
     bridge:authfail:addr:<ip>      STRING failed AUTHs from a client address (expires)
     bridge:authfail:user:<user>    STRING failed AUTHs for a user name (expires)
+    bridge:anvil:{<ip>}:conns      ZSET  open port-366 connections from <ip>, all
+                                         instances: node:n -> deadline (ms)
+    bridge:anvil:{<ip>}:rate       STRING connections from <ip> this minute (expires)
 """
 
 from __future__ import annotations
@@ -53,3 +56,11 @@ def auth_failures_by_address(address: str) -> str:
 
 def auth_failures_by_user(user: str) -> str:
     return f"{PREFIX}:authfail:user:{user}"
+
+
+def anvil_connections(address: str) -> str:
+    return f"{PREFIX}:anvil:{{{address}}}:conns"
+
+
+def anvil_rate(address: str) -> str:
+    return f"{PREFIX}:anvil:{{{address}}}:rate"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
+import time
 
 # Postfix's tag is "program/service[pid]:" (postfix/smtp[123]:); ours names the
 # module: odmr-bridge/relay[123]:, so log tools filter on "odmr-bridge".
@@ -23,6 +24,23 @@ class _Service(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.service = record.name.removeprefix("odmr_bridge.")
+        return True
+
+
+class Occasional:
+    """Lets a repeated warning through once per *interval* seconds (a flood is one line)."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._last = -interval
+        self.suppressed = 0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.suppressed += 1
+            return False
+        self._last = now
         return True
 
 

@@ -34,6 +34,11 @@ NOTICES = Counter("odmr_bridge_notices",
                   ["kind", "status"])
 ODMR_SESSIONS = Counter("odmr_bridge_odmr_sessions", "ODMR connections accepted")
 ODMR_ACTIVE = Gauge("odmr_bridge_odmr_sessions_active", "ODMR connections open now")
+ACCEPT_PAUSES = Counter("odmr_bridge_accept_pauses",
+                        "accept() failures for want of file descriptors (a pause each)")
+ODMR_REFUSED_CONNECTIONS = Counter("odmr_bridge_odmr_connections_refused",
+                                   "ODMR connections refused by a per-client limit",
+                                   ["limit"])
 ATRN = Counter("odmr_bridge_atrn", "ATRN commands by result", ["result"])
 AUTH_FAILURES = Counter("odmr_bridge_auth_failures", "Failed AUTH attempts", ["mechanism"])
 

@@ -89,10 +89,11 @@ class OdmrServer(SaslMixin):
     """One instance per customer connection."""
 
     def __init__(self, context: OdmrContext, *, tls_on_connect: bool = False,
-                 **kwargs: Any) -> None:
+                 on_close: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
         # Set before aiosmtpd's __init__, which inspects every attribute.
         self.context = context
         self.tls_on_connect = tls_on_connect
+        self.on_close = on_close  # frees the client's connection slot (anvil)
         # A session keeps the customers and domains it started with.
         snapshot = context.accounts()
         self.accounts = lambda: snapshot
@@ -124,6 +125,7 @@ class OdmrServer(SaslMixin):
 
     def connection_lost(self, error: Exception | None) -> None:
         metrics.ODMR_ACTIVE.dec()
+        self.on_close()
         super().connection_lost(error)
 
     def _session(self) -> Session:
