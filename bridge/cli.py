@@ -207,14 +207,24 @@ async def _queue_tool(settings: config.Settings, args: argparse.Namespace) -> in
     return 0
 
 
+# How long `reindex` waits for a domain's lease (a queue pass, another reindex).
+REINDEX_WAIT = 10.0
+
+
 async def _reindex(settings: config.Settings) -> int:
     client = redis_client(settings)
     try:
-        report = await HoldQueue(Spool(settings.spool.dir), Index(client)).reindex()
+        report = await HoldQueue(Spool(settings.spool.dir), Index(client)).reindex(
+            wait=REINDEX_WAIT)
     finally:
         await client.aclose()
     print(f"reindexed {report.messages} message(s) in {report.domains} domain(s); "
+          f"{report.added} added, {report.removed} stale entries removed; "
           f"{report.corrupt} corrupt file(s) moved to corrupt/")
+    if report.busy:
+        print(f"not reindexed, being collected: {', '.join(report.busy)}; run again later",
+              file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 
@@ -242,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("serve", help="run the LMTP intake and the ODMR listener")
-    sub.add_parser("reindex", help="rebuild the Redis index from the spool")
+    sub.add_parser("reindex", help="mend the Redis index from the spool (safe while serving)")
     sub.add_parser("milter", help="run the admission milter (needs pymilter)")
 
     domain = sub.add_parser("domain", help="ATRN domains and who may collect them")

@@ -170,8 +170,9 @@ class Daemon:
             queue = HoldQueue(spool, Index(client))
             await queue.index.prepare()
             report = await queue.reindex()
-            log.info("index rebuilt from spool: %d message(s) in %d domain(s), %d corrupt",
-                     report.messages, report.domains, report.corrupt)
+            log.info("index mended from spool: %d message(s) in %d domain(s), %d added, "
+                     "%d stale removed, %d corrupt", report.messages, report.domains,
+                     report.added, report.removed, report.corrupt)
             accounts = Reloading(settings.accounts.file, Accounts.load)
             accounts.start()
             transport_domains = watched_atrn_domains(settings)

@@ -15,9 +15,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import WatchError
 
 from odmr_bridge import keys
 from odmr_bridge.spool import Envelope
+
+# Attempts of a stats recount before giving up to busy intake.
+RECOUNT_TRIES = 5
 
 
 def load_script(name: str) -> str:
@@ -184,12 +188,28 @@ class Index:
 
     # -- maintenance ---------------------------------------------------------
 
-    async def forget_domain(self, domain: str) -> None:
-        """Drop a domain's whole index (used by reindex before rebuilding it)."""
-        qids = await self.queued_ids(domain) + await self.held_ids(domain)
-        pipe = self.redis.pipeline(transaction=True)
-        for start in range(0, len(qids), 1000):
-            pipe.delete(*[keys.message(domain, q) for q in qids[start:start + 1000]])
-        pipe.delete(keys.deferred(domain), keys.hold(domain), keys.stats(domain))
-        pipe.srem(keys.DOMAINS, domain)
-        await pipe.execute()
+    async def recount(self, domain: str) -> bool:
+        """Set the domain's stats from its indexed messages; False if intake kept
+        changing the domain meanwhile (the stats are then left as they were).
+
+        A WATCH on both sets makes the write conditional: any message indexed
+        or dropped in between (the only changes to a size) retries the count.
+        """
+        sets = [keys.deferred(domain), keys.hold(domain)]
+        async with self.redis.pipeline(transaction=True) as watched:
+            for _ in range(RECOUNT_TRIES):
+                try:
+                    await watched.watch(*sets)
+                    qids = await self.queued_ids(domain) + await self.held_ids(domain)
+                    reads = self.redis.pipeline(transaction=False)
+                    for qid in qids:
+                        reads.hget(keys.message(domain, qid), "size")
+                    sizes = [int(s) for s in await reads.execute() if s is not None]
+                    watched.multi()  # type: ignore[no-untyped-call]
+                    watched.hset(keys.stats(domain),
+                                 mapping={"messages": len(sizes), "bytes": sum(sizes)})
+                    await watched.execute()
+                    return True
+                except WatchError:
+                    continue
+        return False

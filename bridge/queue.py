@@ -64,11 +64,14 @@ class Outcome:
     reply: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ReindexReport:
-    messages: int
+    messages: int  # found on the spool
     domains: int
     corrupt: int
+    added: int = 0  # files that had no index entry
+    removed: int = 0  # index entries whose file was gone
+    busy: list[str] = dataclasses.field(default_factory=list)  # domains not mended
 
 
 class HoldQueue:
@@ -230,9 +233,17 @@ class HoldQueue:
     def _ids(self, queue: str) -> list[str]:
         return list(self.spool.ids(queue))
 
-    async def reindex(self) -> ReindexReport:
-        """Rebuild the whole index from the spool (the record)."""
-        by_domain: dict[str, list[tuple[Envelope, bool]]] = defaultdict(list)
+    async def reindex(self, *, wait: float = 0.0) -> ReindexReport:
+        """Mend the index from the spool (the record); safe while the daemon serves.
+
+        Add-only for what the scan finds: a file without an index entry is
+        indexed (an entry already there is left as is), and an entry is
+        dropped only if its file is gone when it is dropped, so mail
+        committed during the scan is never hidden.  Each domain is mended
+        under its lease, waiting up to *wait* seconds for it; a domain still
+        busy after that is left as it is and named in the report.
+        """
+        found: dict[str, set[str]] = defaultdict(set)
         corrupt = 0
         for queue in (DEFERRED, HOLD):
             for qid in await asyncio.to_thread(self._ids, queue):
@@ -245,13 +256,65 @@ class HoldQueue:
                     await asyncio.to_thread(self.spool.quarantine, qid, queue)
                     corrupt += 1
                     continue
-                by_domain[envelope.domain].append((envelope, queue == HOLD))
-        domains = set(by_domain) | set(await self.index.domains())
-        for domain in sorted(domains):
-            await self.index.forget_domain(domain)
-            for envelope, held in by_domain.get(domain, []):
-                await self.index.add(envelope, held=held)
+                found[envelope.domain].add(qid)
+        report = ReindexReport(messages=sum(len(q) for q in found.values()),
+                               domains=len(found), corrupt=corrupt)
+        loop = asyncio.get_running_loop()
+        for domain in sorted(set(found) | set(await self.index.domains())):
+            deadline = loop.time() + wait
+            while True:
+                try:
+                    async with self.exclusive(domain) as lease:
+                        await self._mend(domain, found.get(domain, set()), lease, report)
+                    break
+                except DomainBusy:
+                    if loop.time() >= deadline:
+                        log.warning("%s: not reindexed: being collected", domain)
+                        report.busy.append(domain)
+                        break
+                    await asyncio.sleep(0.1)
+        return report
+
+    async def _mend(self, domain: str, found: set[str], lease: LeaseKeeper,
+                    report: ReindexReport) -> None:
+        indexed = set(await self.index.queued_ids(domain)) | set(await self.index.held_ids(domain))
+        for qid in sorted(found - indexed):
+            if lease.lost:
+                raise DomainBusy(domain)
+            # Read again under the lease: the file may have changed since the scan.
+            current = await asyncio.to_thread(self._current, qid)
+            if current is None:
+                continue
+            envelope, queue = current
+            if await self.index.add(envelope, held=queue == HOLD):
+                report.added += 1
                 if envelope.warned:
-                    await self.index.mark_warned(domain, envelope.qid)
-        total = sum(len(v) for v in by_domain.values())
-        return ReindexReport(messages=total, domains=len(by_domain), corrupt=corrupt)
+                    await self.index.mark_warned(domain, qid)
+        for qid in sorted(indexed - found):
+            if lease.lost:
+                raise DomainBusy(domain)
+            # Committed after the scan, or moved meanwhile: still on the spool.
+            gone = not await asyncio.to_thread(self._on_spool, qid)
+            if gone and await self.index.remove(domain, qid):
+                report.removed += 1
+        if not await self.index.recount(domain):
+            log.warning("%s: stats not recounted: intake too busy", domain)
+
+    def _current(self, qid: str) -> tuple[Envelope, str] | None:
+        """The envelope of held message *qid* and its queue, as on the spool now."""
+        for queue in (DEFERRED, HOLD):
+            try:
+                return self.spool.read_envelope(qid, queue), queue
+            except UnknownQueueId:
+                continue
+            except CorruptQueueFile as exc:
+                log.error("%s: moved to corrupt: %s", qid, exc)
+                self.spool.quarantine(qid, queue)
+                return None
+        return None
+
+    def _on_spool(self, qid: str) -> bool:
+        try:
+            return any(self.spool.path(qid, queue).exists() for queue in (DEFERRED, HOLD))
+        except UnknownQueueId:  # not even a queue ID
+            return False
