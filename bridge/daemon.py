@@ -1,9 +1,10 @@
 """``odmr-bridge serve``: LMTP intake and the ODMR listener in one asyncio process.
 
 Start-up: spool directories, Redis (a private one when none is configured),
-a full reindex from the spool, the accounts file (reloaded on change), then
-both listeners.  SIGTERM/SIGINT: stop accepting, let sessions finish for up
-to ``odmr.shutdown_grace`` seconds, close the rest, exit 0.
+the accounts file (reloaded on change), the leases of this node's previous
+run freed, a reindex from the spool, then both listeners.  SIGTERM/SIGINT:
+stop accepting, let sessions finish for up to ``odmr.shutdown_grace``
+seconds, close the rest, exit 0.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from odmr_bridge.bounce import ReportSettings
 from odmr_bridge.config import Settings, SystemdSocket, parse_host_port, parse_listen
 from odmr_bridge.embedded_redis import EmbeddedRedis, url_for
 from odmr_bridge.index import Index
+from odmr_bridge.leases import NodeIdentity
 from odmr_bridge.lifecycle import Lifecycle, LifecyclePolicy
 from odmr_bridge.lmtp import IntakeHandler, IntakeServer
 from odmr_bridge.logs import Occasional
@@ -164,24 +166,33 @@ class Daemon:
             await asyncio.to_thread(embedded.start)
             log.info("started private redis-server at %s", embedded.socket)
         client = redis_client(settings)
+        node = NodeIdentity.take(spool.root)
         accounts: Reloading[Accounts] | None = None
         transport_domains: Reloading[frozenset[str]] | None = None
         try:
-            queue = HoldQueue(spool, Index(client))
+            queue = HoldQueue(spool, Index(client, owner=node.name))
             await queue.index.prepare()
+            accounts = Reloading(settings.accounts.file, Accounts.load)
+            accounts.start()
+            transport_domains = watched_atrn_domains(settings)
+            # This node's sessions died with its last run: free their domains now,
+            # not when their leases expire (lease_seconds), before reindex takes them.
+            known = set(await queue.index.domains()) | set(accounts().domains) \
+                | transport_domains()
+            if freed := await queue.index.free_own_leases(sorted(known)):
+                log.info("freed %d lease(s) of this node's previous run: %s", len(freed),
+                         ",".join(freed))
             report = await queue.reindex()
             log.info("index mended from spool: %d message(s) in %d domain(s), %d added, "
                      "%d stale removed, %d corrupt", report.messages, report.domains,
                      report.added, report.removed, report.corrupt)
-            accounts = Reloading(settings.accounts.file, Accounts.load)
-            accounts.start()
-            transport_domains = watched_atrn_domains(settings)
             await self._serve(queue, accounts, transport_domains)
         finally:
             for watched in (accounts, transport_domains):
                 if watched is not None:
                     watched.stop()
             await client.aclose()
+            node.release()
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
         log.info("stopped")

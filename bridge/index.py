@@ -48,17 +48,21 @@ def _recipients_json(envelope: Envelope) -> str:
 
 
 class Index:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, owner: str = "") -> None:
         self.redis = client
+        # The node whose lease tokens these are ('' for an operator command).
+        self.owner = owner
         self._add: AsyncScript = client.register_script(load_script("index_add.lua"))
         self._remove: AsyncScript = client.register_script(load_script("index_remove.lua"))
         self._renew: AsyncScript = client.register_script(load_script("lease_renew.lua"))
         self._release: AsyncScript = client.register_script(load_script("lease_release.lua"))
         self._move: AsyncScript = client.register_script(load_script("index_move.lua"))
+        self._free: AsyncScript = client.register_script(load_script("lease_free_owner.lua"))
 
     async def prepare(self) -> None:
         """Load the Lua scripts into Redis up front, so no state change meets NOSCRIPT."""
-        for script in (self._add, self._remove, self._renew, self._release, self._move):
+        for script in (self._add, self._remove, self._renew, self._release, self._move,
+                       self._free):
             await self.redis.script_load(script.script)
 
     # -- message state ---------------------------------------------------
@@ -171,9 +175,10 @@ class Index:
 
     # -- leases: one ATRN session per domain -------------------------------
 
-    @staticmethod
-    def new_token() -> str:
-        return secrets.token_hex(16)
+    def new_token(self) -> str:
+        """A lease token; it names its owner node, if any: ``<node>#<random>``."""
+        random = secrets.token_hex(16)
+        return f"{self.owner}#{random}" if self.owner else random
 
     async def acquire(self, domain: str, token: str, ttl_seconds: float) -> bool:
         return bool(await self.redis.set(keys.lease(domain), token, nx=True,
@@ -185,6 +190,16 @@ class Index:
 
     async def release(self, domain: str, token: str) -> bool:
         return bool(await self._release(keys=[keys.lease(domain)], args=[token]))
+
+    async def free_own_leases(self, domains: list[str]) -> list[str]:
+        """At start-up: drop the leases of *domains* that this node's previous run
+        held (its sessions are gone); one script per domain (one slot each)."""
+        if not self.owner:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for domain in domains:
+            await self._free(keys=[keys.lease(domain)], args=[f"{self.owner}#"], client=pipe)
+        return [d for d, freed in zip(domains, await pipe.execute(), strict=True) if freed]
 
     # -- maintenance ---------------------------------------------------------
 

@@ -13,6 +13,7 @@ Sentinel, is).
                                          [, queue=hold] [, warned=1]
     bridge:{d}:stats               HASH  messages, bytes (held now, both sets)
     bridge:{d}:lease               STRING token of the ATRN session collecting d
+                                         (<node>#<random> for the daemon's)
     bridge:authfail:addr:<ip>      STRING failed AUTHs from a client address (expires)
     bridge:authfail:user:<user>    STRING failed AUTHs for a user name (expires)
     bridge:anvil:{<ip>}:conns      ZSET  open port-366 connections from <ip>, all

@@ -272,7 +272,8 @@ class OdmrServer(SaslMixin):
         relay = Relay(self._reader, self._writer, self.context.queue,
                       hostname=self.hostname, peer=f"customer{self.client}",
                       timeouts=self.context.timeouts, keep_going=lambda: not leases.lost,
-                      line_per_write=self.secure)
+                      line_per_write=self.secure,
+                      before_quit=lambda: self._free(leases))
         try:
             try:
                 report = await relay.drain(domains)
@@ -287,6 +288,12 @@ class OdmrServer(SaslMixin):
             log.warning("%s: lost connection after ATRN: %s; undelivered mail stays held",
                         self.client, exc or type(exc).__name__)
         self._close()
+
+    async def _free(self, leases: LeaseKeeper) -> None:
+        """After the last settle, right before QUIT: the customer may send ATRN
+        again as soon as it has answered QUIT, so its domains are free by then."""
+        await self.context.queue.sync()
+        await leases.release()
 
     def _close(self) -> None:
         if self.transport is not None:

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from odmr_bridge import metrics
 from odmr_bridge.queue import HoldQueue, Outcome
@@ -85,6 +85,7 @@ class Relay:
         timeouts: Timeouts,
         keep_going: Callable[[], bool] = lambda: True,
         line_per_write: bool = False,
+        before_quit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -93,6 +94,8 @@ class Relay:
         self.relay_name = peer
         self.timeouts = timeouts
         self.keep_going = keep_going
+        # Run after the last settle, right before QUIT (the session frees its domains).
+        self.before_quit = before_quit
         # Over TLS each line goes in its own write, hence its own TLS record:
         # fetchmail's relay loop stalls on several lines in one record.
         self.line_per_write = line_per_write
@@ -163,6 +166,8 @@ class Relay:
                     if report.messages % SYNC_EVERY == 0:
                         await self.queue.sync()
         if self.keep_going():
+            if self.before_quit is not None:
+                await self.before_quit()
             await self.quit()
             report.completed = True
         return report
