@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from odmr_bridge import bounce, metrics
+from odmr_bridge.logs import seconds
 from odmr_bridge.queue import DomainBusy, HoldQueue, Outcome
 from odmr_bridge.spool import BOUNCE, FAILED, CorruptQueueFile, Envelope, UnknownQueueId
 
@@ -155,11 +156,12 @@ class Lifecycle:
                 last = f"; last reply: {rcpt.reason}" if rcpt.reason else ""
                 outcomes[rcpt.address] = Outcome(
                     FAILED, f"4.4.7 message expired: held {days:g} days and not collected{last}")
-            await self.queue.settle(envelope, outcomes)
-            for address in outcomes:
+            held = seconds(now - envelope.arrival)
+            for address in outcomes:  # each line before the queue's "removed"
                 metrics.RECIPIENTS.labels("expired").inc()
-                log.info("%s: to=<%s>, relay=none, delay=%.0f, dsn=4.4.7, status=expired, "
-                         "returned to sender", envelope.qid, address, now - envelope.arrival)
+                log.info("%s: to=<%s>, relay=none, delay=%s, delays=0/%s/0/0, dsn=4.4.7, "
+                         "status=expired, returned to sender", envelope.qid, address, held, held)
+            await self.queue.settle(envelope, outcomes)
             return True
 
         return await self._visit(domain, due, expire)

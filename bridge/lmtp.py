@@ -9,6 +9,7 @@ of the copy held for the recipient's domain.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import errno
 import logging
 import re
@@ -28,6 +29,9 @@ from odmr_bridge.smtp_client import crlf_line_ends
 from odmr_bridge.spool import Recipient
 
 log = logging.getLogger("odmr_bridge.lmtp")
+# Postfix's log tools (pflogsumm, ...) count a message as received from the
+# "smtpd" service's "QID: client=" line, so the intake logs that one as smtpd.
+received_log = logging.getLogger("odmr_bridge.smtpd")
 
 # The spool's file system is full (or the spool user's quota is).
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -67,8 +71,11 @@ class IntakeHandler:
         if domain is None:
             return replies.RCPT_BAD_ADDRESS.format(rcpt=address)
         if not server.is_atrn_domain(domain):
-            log.info("reject: RCPT to=<%s>: domain %s is not an ATRN domain", address, domain)
-            return replies.RCPT_NOT_ATRN_DOMAIN.format(rcpt=address)
+            reply = replies.RCPT_NOT_ATRN_DOMAIN.format(rcpt=address)
+            received_log.info("NOQUEUE: reject: RCPT from %s: %s; from=<%s> to=<%s> "
+                              "proto=LMTP helo=<%s>", server.client, reply,
+                              _sender(envelope), address, session.host_name)
+            return reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         server.recipient_dsn.append(server.pending_rcpt_dsn)
@@ -82,11 +89,12 @@ class IntakeHandler:
             domain = recipient_domain(address)
             assert domain is not None  # checked at RCPT
             by_domain[domain].append(Recipient(address=address, options=dsn))
-        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        sender = _sender(envelope)
         options = [o for o in envelope.mail_options if o.startswith(_KEPT_MAIL_OPTIONS)]
         body: bytes = envelope.original_content or b""
         try:
-            qids = await self.queue.commit(sender, options, dict(by_domain), body)
+            held = await self.queue.commit(sender, options, dict(by_domain), body,
+                                           trace=server.received_header)
         except Exception as exc:
             log.error("warning: queue commit failed from=<%s> nrcpt=%d: %s: %s", sender,
                       len(envelope.rcpt_tos), type(exc).__name__, exc)
@@ -95,19 +103,24 @@ class IntakeHandler:
             template = replies.STORAGE_FULL if full else replies.LOCAL_ERROR
             lines = [template.format(rcpt=r) for r in envelope.rcpt_tos]
         else:
-            metrics.INTAKE_MESSAGES.inc(len(qids))
-            metrics.INTAKE_BYTES.inc(len(body) * len(qids))
-            for domain, qid in qids.items():
-                log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue deferred for %s)", qid,
-                         sender, len(body), len(by_domain[domain]), domain)
+            metrics.INTAKE_MESSAGES.inc(len(held))
+            metrics.INTAKE_BYTES.inc(sum(copy.size for copy in held.values()))
+            for copy in held.values():
+                received_log.info("%s: client=%s", copy.qid, server.client)
+                log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue deferred for %s)", copy.qid,
+                         sender, copy.size, len(copy.recipients), copy.domain)
             lines = [
-                replies.QUEUED.format(rcpt=r, qid=qids[recipient_domain(r) or ""])
+                replies.QUEUED.format(rcpt=r, qid=held[recipient_domain(r) or ""].qid)
                 for r in envelope.rcpt_tos
             ]
         # RFC 2033 section 4.2: one reply per accepted recipient, in RCPT order.
         for line in lines[:-1]:
             await server.push(line)
         return lines[-1]
+
+
+def _sender(envelope: SmtpEnvelope) -> str:
+    return "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
 
 
 _DOT_LINE_END = b".\r\n"
@@ -183,6 +196,26 @@ class IntakeServer(LMTP):
         self.mail_dsn: list[str] = []
         self.pending_rcpt_dsn: list[str] = []
         self.recipient_dsn: list[list[str]] = []
+
+    @property
+    def client(self) -> str:
+        """``helo[ip]`` as Postfix logs a client (no reverse DNS look-up here)."""
+        session = self.session
+        peer = session.peer if session is not None else None
+        address = str(peer[0]) if isinstance(peer, tuple) else "unix"
+        name = session.host_name if session is not None and session.host_name else "unknown"
+        return f"{name}[{address}]"
+
+    def received_header(self, qid: str, recipients: list[Recipient]) -> bytes:
+        """Our hop's trace line (RFC 5321 4.4), as Postfix writes it."""
+        session = self.session
+        helo = session.host_name if session is not None and session.host_name else "unknown"
+        peer = session.peer if session is not None else None
+        source = f"[{peer[0]}]" if isinstance(peer, tuple) else "local"
+        recipient = f"\r\n\tfor <{recipients[0].address}>" if len(recipients) == 1 else ""
+        return (f"Received: from {helo} ({source})\r\n\tby {self.hostname} (odmr-bridge)"
+                f" with LMTP id {qid}{recipient};\r\n\t{email.utils.formatdate(localtime=True)}"
+                "\r\n").encode("utf-8", "surrogateescape")
 
     async def _without_dsn(self, arg: str | None,
                            names: tuple[str, ...]) -> tuple[str | None, list[str]] | None:

@@ -27,6 +27,17 @@ class _Service(logging.Filter):
         return True
 
 
+def seconds(value: float) -> str:
+    """A duration as Postfix logs one: 36, 1.2, 0.03, 0."""
+    if value >= 10:
+        return f"{value:.0f}"
+    if value >= 0.1:
+        return f"{value:.1f}"
+    if value >= 0.005:
+        return f"{value:.2f}"
+    return "0"
+
+
 class Occasional:
     """Lets a repeated warning through once per *interval* seconds (a flood is one line)."""
 
@@ -64,5 +75,8 @@ def setup(level: str = "info", target: str = "stderr", syslog_socket: str = "/de
     # aiosmtpd logs every command line (AUTH responses included) at INFO and
     # deprecation chatter at WARNING; our own modules log the events.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+    # watchdog logs every file event at DEBUG: with our log file in a watched
+    # folder, each line would log another.
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
     for name in ("odmr_bridge",):
         logging.getLogger(name).setLevel(level.upper())

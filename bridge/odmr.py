@@ -102,6 +102,10 @@ class OdmrServer(SaslMixin):
         self.user = None
         self._errors = 0
         self._atrn_task: asyncio.Task[None] | None = None
+        # For the session's last log line.
+        self._collected: list[str] = []
+        self._relay: Relay | None = None
+        self._tls = "none"
         super().__init__(
             _NoHooks(),
             hostname=context.hostname,
@@ -116,17 +120,42 @@ class OdmrServer(SaslMixin):
     # -- connection ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        metrics.ODMR_SESSIONS.inc()
-        metrics.ODMR_ACTIVE.inc()
+        # Called again, with the TLS transport, once a STARTTLS handshake is done.
+        starttls = self.transport is not None
+        if not starttls:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            metrics.ODMR_SESSIONS.inc()
+            metrics.ODMR_ACTIVE.inc()
         super().connection_made(transport)
+        if not starttls:
+            log.info("connect from %s", self.client)
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:
+            self._tls = tls.version() or "TLS"
+            cipher, _, bits = tls.cipher() or ("unknown", "", 0)
+            log.info("Anonymous TLS connection established from %s: %s with cipher %s "
+                     "(%s/%s bits)", self.client, self._tls, cipher, bits, bits)
 
     def connection_lost(self, error: Exception | None) -> None:
         metrics.ODMR_ACTIVE.dec()
         self.on_close()
+        client = self.client
         super().connection_lost(error)
+        if self._atrn_task is not None and not self._atrn_task.done():
+            # Outcomes still being settled: the counts are final when it ends.
+            self._atrn_task.add_done_callback(lambda _: self._log_disconnect(client))
+        else:
+            self._log_disconnect(client)
+
+    def _log_disconnect(self, client: str) -> None:
+        """One line per session, whatever its end (Postfix's "disconnect from")."""
+        report = self._relay.report if self._relay is not None else None
+        counts = (f" delivered={report.delivered} deferred={report.deferred} "
+                  f"failed={report.failed}" if report is not None else "")
+        log.info("disconnect from %s user=%s atrn=%s%s tls=%s", client, self.user or "-",
+                 ",".join(self._collected) or "-", counts, self._tls)
 
     def _session(self) -> Session:
         assert self.session is not None, "aiosmtpd creates it at connection_made"
@@ -246,12 +275,15 @@ class OdmrServer(SaslMixin):
                 return
             counts = [await queue.index.count(d) for d in domains]
             if not any(counts):
+                log.info("%s: ATRN user=%s domains=%s: no mail (453)", self.client, self.user,
+                         ",".join(domains))
                 metrics.ATRN.labels("no_mail").inc()
                 await self.push(replies.ATRN_NO_MAIL)
                 return
             log.info("%s: ATRN user=%s domains=%s held=%d: reversing", self.client,
                      self.user, ",".join(domains), sum(counts))
             reversing = True
+            self._collected = domains
             metrics.ATRN.labels("reversed").inc()
             await self.push(replies.ATRN_REVERSING)
             await self._reverse(domains, leases)
@@ -269,18 +301,17 @@ class OdmrServer(SaslMixin):
         # timeouts; aiosmtpd's idle timer must not cut a long delivery.
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
-        relay = Relay(self._reader, self._writer, self.context.queue,
-                      hostname=self.hostname, peer=f"customer{self.client}",
-                      timeouts=self.context.timeouts, keep_going=lambda: not leases.lost,
-                      line_per_write=self.secure,
-                      before_quit=lambda: self._free(leases))
+        self._relay = relay = Relay(self._reader, self._writer, self.context.queue,
+                                    hostname=self.hostname, peer=f"customer{self.client}",
+                                    timeouts=self.context.timeouts,
+                                    keep_going=lambda: not leases.lost,
+                                    line_per_write=self.secure,
+                                    before_quit=lambda: self._free(leases))
         try:
             try:
                 report = await relay.drain(domains)
             finally:
                 await self.context.queue.sync()
-            log.info("%s: disconnect after ATRN: delivered=%d deferred=%d failed=%d",
-                     self.client, report.delivered, report.deferred, report.failed)
             if report.failed:
                 self.context.after_drain()  # the bounces go out now, not at the next pass
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError,

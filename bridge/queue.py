@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from odmr_bridge.dsn import notify_wants
 from odmr_bridge.index import Index
@@ -86,25 +86,31 @@ class HoldQueue:
         mail_options: list[str],
         recipients_by_domain: dict[str, list[Recipient]],
         body: bytes,
-    ) -> dict[str, str]:
-        """Hold *body* once per domain; return domain -> queue ID.
+        trace: Callable[[str, list[Recipient]], bytes] = lambda qid, rcpts: b"",
+    ) -> dict[str, Envelope]:
+        """Hold *body* once per domain; return domain -> the copy's envelope.
 
-        When this returns, every copy is on stable storage and indexed.
+        *trace* gives the header lines to put in front of one copy, from its
+        queue ID and recipients (our ``Received:``).  When this returns, every
+        copy is on stable storage and indexed.
         """
         now = time.time()
-        envelopes = [
-            Envelope(qid=new_qid(now), domain=domain, sender=sender, arrival=now,
-                     size=len(body), recipients=rcpts, mail_options=list(mail_options))
-            for domain, rcpts in recipients_by_domain.items()
-        ]
-        await asyncio.to_thread(self.spool.commit, [(e, body) for e in envelopes])
+        copies = []
+        for domain, rcpts in recipients_by_domain.items():
+            qid = new_qid(now)
+            content = trace(qid, rcpts) + body
+            copies.append((Envelope(qid=qid, domain=domain, sender=sender, arrival=now,
+                                    size=len(content), recipients=rcpts,
+                                    mail_options=list(mail_options)), content))
+        envelopes = [envelope for envelope, _ in copies]
+        await asyncio.to_thread(self.spool.commit, copies)
         try:
             for envelope in envelopes:
                 await self.index.add(envelope)
         except BaseException:
             await asyncio.to_thread(self._discard, envelopes)
             raise
-        return {e.domain: e.qid for e in envelopes}
+        return {e.domain: e for e in envelopes}
 
     def _discard(self, envelopes: list[Envelope]) -> None:
         for envelope in envelopes:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 from odmr_bridge import metrics
+from odmr_bridge.logs import seconds
 from odmr_bridge.queue import HoldQueue, Outcome
 from odmr_bridge.smtp_client import Extensions, Reply, crlf_line_ends, dot_stuff, read_reply
 from odmr_bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient
@@ -100,7 +101,12 @@ class Relay:
         # fetchmail's relay loop stalls on several lines in one record.
         self.line_per_write = line_per_write
         self.extensions = Extensions()
+        self.report = DrainReport()  # so far, also when the connection is lost
         self._socket = writer.get_extra_info("socket")
+        # For Postfix's delays=a/b/c/d: when the session began, and how long
+        # greeting and EHLO took (counted once, in the first delivery).
+        self._started = time.time()
+        self._setup: float | None = None
 
     # -- the dialogue --------------------------------------------------------
 
@@ -127,6 +133,12 @@ class Relay:
 
     async def greet(self) -> bool:
         """Read the customer's 220 and introduce ourselves; False if it will not talk."""
+        try:
+            return await self._greet()
+        finally:
+            self._setup = time.time() - self._started
+
+    async def _greet(self) -> bool:
         greeting = await self._reply(self.timeouts.greeting)
         if greeting.code != 220:
             log.warning("relay=%s: customer greeting: %s", self.relay_name, greeting)
@@ -147,7 +159,7 @@ class Relay:
 
     async def drain(self, domains: list[str]) -> DrainReport:
         """Deliver every held message of *domains*, including mail arriving meanwhile."""
-        report = DrainReport()
+        report = self.report
         if not await self.greet():
             return report
         for domain in domains:
@@ -174,7 +186,7 @@ class Relay:
 
     async def deliver(self, envelope: Envelope, body: Readable, report: DrainReport) -> None:
         """One transaction for the pending recipients of one held message."""
-        started = time.monotonic()
+        started = time.time()
         report.messages += 1
         pending = envelope.pending()
         refusal = self._local_refusal(envelope)
@@ -182,18 +194,28 @@ class Relay:
             replies = dict.fromkeys((r.address for r in pending), refusal)
         else:
             replies = await self._transaction(envelope, body, pending)
-        outcomes = {a: Outcome(_state_for(r), str(r)) for a, r in replies.items()}
-        # A customer MTA without DSN cannot honour NOTIFY=SUCCESS: we report "relayed".
-        await self.queue.settle(envelope, outcomes,
-                                report_success="DSN" not in self.extensions)
-        delay = time.monotonic() - started
+        ended = time.time()
+        # Postfix's delays: a (intake; not timed: ours takes milliseconds),
+        # b (waiting in the queue), c (greeting and EHLO), d (the transaction).
+        if self._setup is not None:  # the session's first delivery
+            waited, setup, self._setup = self._started - envelope.arrival, self._setup, None
+        else:
+            waited, setup = started - envelope.arrival, 0.0
+        delays = "/".join(map(seconds, (0.0, waited, setup, ended - started)))
+        delay = seconds(ended - envelope.arrival)
+        # Each recipient's line first, then the queue's "removed" (Postfix's order).
         for address, reply in replies.items():
             state = _state_for(reply)
             status = {DELIVERED: "sent", FAILED: "bounced", PENDING: "deferred"}[state]
             report.count(state)
             metrics.RECIPIENTS.labels(status).inc()
-            log.info("%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, status=%s (%s)",
-                     envelope.qid, address, self.relay_name, delay, reply.dsn, status, reply)
+            log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
+                     envelope.qid, address, self.relay_name, delay, delays, reply.dsn, status,
+                     reply)
+        outcomes = {a: Outcome(_state_for(r), str(r)) for a, r in replies.items()}
+        # A customer MTA without DSN cannot honour NOTIFY=SUCCESS: we report "relayed".
+        await self.queue.settle(envelope, outcomes,
+                                report_success="DSN" not in self.extensions)
 
     def _local_refusal(self, envelope: Envelope) -> Reply | None:
         """A reason not to send this message to this customer at all, as a reply."""

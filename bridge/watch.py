@@ -13,11 +13,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 T = TypeVar("T")
 log = logging.getLogger("odmr_bridge.watch")
+# The events that can change a file's content; the folder may be busy with
+# others (a log file beside the watched one), which the kernel then never sends.
+_CHANGES: list[type[FileSystemEvent]] = [FileCreatedEvent, FileModifiedEvent, FileMovedEvent,
+                                          FileDeletedEvent, FileClosedEvent]
 
 
 class Reloading(Generic[T]):
@@ -51,7 +63,8 @@ class Reloading(Generic[T]):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         handler = _PathHandler(self.path, self.reload)
         observer = Observer()
-        observer.schedule(handler, str(self.path.parent), recursive=False)
+        observer.schedule(handler, str(self.path.parent), recursive=False,
+                          event_filter=_CHANGES)
         observer.daemon = True
         observer.start()
         self._observer = observer
@@ -69,8 +82,6 @@ class _PathHandler(FileSystemEventHandler):
         self.on_change = on_change
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return
         paths = {event.src_path, getattr(event, "dest_path", "")}
         if str(self.path) in {p.decode() if isinstance(p, bytes) else p for p in paths}:
             self.on_change()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -75,3 +77,17 @@ def need(*programs: str) -> None:
         if os.environ.get("ODMR_TESTS_REQUIRE_PEERS") == "1":
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture
+def syslog_socket() -> Iterator[tuple[Path, socket.socket]]:
+    """A stand-in for /dev/log: a unix datagram socket, like rsyslog's or journald's."""
+    directory = Path(tempfile.mkdtemp(prefix="odmr-log-"))  # short: unix socket paths
+    path = directory / "log"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(10)
+    yield path, sock
+    sock.close()
+    path.unlink()
+    directory.rmdir()

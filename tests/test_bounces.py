@@ -60,8 +60,8 @@ def policy(port: int, delay_warning: float = 0.0, size_limit: int = 50_000) -> L
 
 async def hold(queue: HoldQueue, rcpts: list[Recipient], sender: str = "s@x.test",
                options: list[str] | None = None) -> str:
-    qids = await queue.commit(sender, options or [], {"atrn.example": rcpts}, BODY)
-    return qids["atrn.example"]
+    held = await queue.commit(sender, options or [], {"atrn.example": rcpts}, BODY)
+    return held["atrn.example"].qid
 
 
 async def customer_answers(queue: HoldQueue, qid: str, answers: dict[str, Outcome],

@@ -9,6 +9,8 @@ from tests.peers import Bridge
 from tests.wire import CustomerMta, Wire, lmtp_send
 
 CONNECTIONS = 500
+# Many customers, as in life: each address stays under the per-client limit (50).
+SOURCES = 20
 
 
 def test_500_connections_idle_authenticated_and_reversed_are_all_served(bridge: Bridge) -> None:
@@ -18,7 +20,7 @@ def test_500_connections_idle_authenticated_and_reversed_are_all_served(bridge: 
     idle: list[Wire] = []
     authenticated: list[Wire] = []
     for i in range(CONNECTIONS):
-        w = Wire(bridge.odmr_port, timeout=30)
+        w = Wire(bridge.odmr_port, timeout=30, source=f"127.0.1.{i % SOURCES + 1}")
         assert w.reply()[0] == 220
         (authenticated if i % 2 else idle).append(w)
     for w in authenticated:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import email.utils
 from pathlib import Path
 
+from odmr_bridge.spool import Spool
 from tests.peers import Bridge, RedisServer
 from tests.wire import Wire, lmtp_send
 
@@ -91,3 +93,21 @@ def test_sigterm_exits_zero(bridge: Bridge) -> None:
     w = Wire(bridge.lmtp_port)  # an idle connection must not hold up the stop
     w.reply()
     assert bridge.stop() == 0
+
+
+def test_each_held_copy_carries_our_received_line(bridge: Bridge) -> None:
+    """RFC 5321 4.4: a server that takes a message for delivery adds a trace line."""
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["a@atrn.example", "c@second.example",
+                                             "d@second.example"], BODY)
+    held = {m["domain"]: m["queue_id"] for m in bridge.held()}
+    for domain, rcpt_clause in (("atrn.example", "\r\n\tfor <a@atrn.example>"),
+                                ("second.example", "")):
+        qid = held[domain]
+        with Spool(bridge.spool).open_body(qid) as (body, _):
+            content = body.read().decode()
+        header, _, rest = content.partition(";\r\n\t")
+        assert header == (f"Received: from sender.test ([127.0.0.1])\r\n\tby provider.test "
+                          f"(odmr-bridge) with LMTP id {qid}{rcpt_clause}")
+        date, _, original = rest.partition("\r\n")
+        assert email.utils.parsedate_to_datetime(date).tzinfo is not None
+        assert original.encode() == BODY

@@ -12,7 +12,8 @@ BODY = b"Subject: t\r\n\r\nbody\r\n"
 
 async def hold(queue: HoldQueue, **by_domain: list[str]) -> dict[str, str]:
     rcpts = {d.replace("_", "."): [Recipient(a) for a in addrs] for d, addrs in by_domain.items()}
-    return await queue.commit("s@x.test", [], rcpts, BODY)
+    held = await queue.commit("s@x.test", [], rcpts, BODY)
+    return {domain: envelope.qid for domain, envelope in held.items()}
 
 
 async def test_commit_holds_once_per_domain_and_indexes_each(queue: HoldQueue) -> None:

@@ -49,11 +49,11 @@ def lmtp_raw(port: int, rcpt: str, content: bytes) -> int:
         w.close()
 
 
-def collect_tolerantly(bridge: Bridge) -> CustomerMta:
+def collect_tolerantly(bridge: Bridge, traced: bool = True) -> CustomerMta:
     w = Wire(bridge.odmr_port)
     w.login(*CUSTOMER)
     assert w.command("ATRN atrn.example")[0] == 250
-    mta = CustomerMta(w, bare_lf_ends_lines=True)
+    mta = CustomerMta(w, bare_lf_ends_lines=True, traced=traced)
     mta.run()
     return mta
 
@@ -97,7 +97,7 @@ def test_a_spool_written_before_the_fix_is_relayed_with_crlf_only(tmp_path: Path
     b.add_domain("atrn.example", *CUSTOMER)
     b.start()
     try:
-        mta = collect_tolerantly(b)
+        mta = collect_tolerantly(b, traced=False)  # written without the intake
         assert len([c for c in mta.commands if c.startswith("MAIL")]) == 1
         assert len(mta.messages) == 1
         assert b"MAIL FROM:<evil2@x>\r\n" in mta.messages[0][2]

@@ -5,8 +5,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import socket
 import ssl
+
+_OUR_TRACE = re.compile(
+    rb"Received: from [^\r\n]*\r\n\tby [^\r\n]*\(odmr-bridge\)[^\r\n]*(?:\r\n\t[^\r\n]*)*\r\n")
+
+
+def without_our_trace(content: bytes) -> bytes:
+    """*content* as the sender wrote it: the bridge's own Received: line taken off the top."""
+    match = _OUR_TRACE.match(content)
+    assert match is not None, content[:200]
+    return content[match.end():]
 
 
 def client_tls() -> ssl.SSLContext:
@@ -112,15 +123,20 @@ class CustomerMta:
 
     def __init__(self, wire: Wire, rcpt_replies: dict[str, str] | None = None,
                  ehlo: list[str] | None = None, refuse_ehlo: bool = False,
-                 bare_lf_ends_lines: bool = False) -> None:
+                 bare_lf_ends_lines: bool = False, traced: bool = True) -> None:
         self.w = wire
+        # Mail that came in through the intake carries our Received: line.
+        self.traced = traced
         # Like Postfix, Exim and Sendmail before their SMTP smuggling fixes:
         # "<LF>.<LF>" or "<LF>.<CRLF>" also ends DATA.
         self.data_ends = (b".\r\n", b".\n") if bare_lf_ends_lines else (b".\r\n",)
         self.rcpt_replies = rcpt_replies or {}
         self.ehlo = ehlo if ehlo is not None else ["customer.test", "8BITMIME", "SIZE 100000"]
         self.refuse_ehlo = refuse_ehlo
+        # As the sender wrote them (each must carry the bridge's Received: line,
+        # which is taken off here); raw_messages keep it.
         self.messages: list[tuple[str, list[str], bytes]] = []
+        self.raw_messages: list[bytes] = []
         self.commands: list[str] = []
 
     def reply(self, line: str) -> None:
@@ -166,7 +182,9 @@ class CustomerMta:
                     if not chunk:
                         raise ConnectionError("the provider closed the connection in DATA")
                     data += chunk[1:] if chunk.startswith(b".") else chunk
-                self.messages.append((sender, rcpts, data))
+                self.raw_messages.append(data)
+                self.messages.append(
+                    (sender, rcpts, without_our_trace(data) if self.traced else data))
                 self.reply("250 2.0.0 Ok: delivered")
             elif verb == "RSET":
                 self.reply("250 2.0.0 Ok")
