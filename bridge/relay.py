@@ -41,6 +41,14 @@ class Timeouts:
     data_end: float = 600.0
 
 
+class CustomerClosing(Exception):
+    """The customer answered 421: it is closing the session; send nothing more."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
 @dataclasses.dataclass
 class DrainReport:
     delivered: int = 0
@@ -107,6 +115,13 @@ class Relay:
         # greeting and EHLO took (counted once, in the first delivery).
         self._started = time.time()
         self._setup: float | None = None
+        # Why the session stops early: the customer's 421 (then not even QUIT
+        # is sent), or its LIMITS MAILMAX.
+        self.ended_by: str = ""
+        self._customer_closed = False
+        self._transactions = 0
+        # (qid, recipient) already tried in this session: a 4xx is not retried.
+        self._tried: set[tuple[str, str]] = set()
 
     # -- the dialogue --------------------------------------------------------
 
@@ -125,7 +140,10 @@ class Relay:
         if _QUICKACK is not None and self._socket is not None:
             with contextlib.suppress(OSError):
                 self._socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        return await read_reply(self.reader, timeout)
+        reply = await read_reply(self.reader, timeout)
+        if reply.code == 421:
+            raise CustomerClosing(reply)
+        return reply
 
     async def _command(self, line: str, timeout: float) -> Reply:
         await self._send(line)
@@ -135,6 +153,9 @@ class Relay:
         """Read the customer's 220 and introduce ourselves; False if it will not talk."""
         try:
             return await self._greet()
+        except CustomerClosing as exc:
+            log.warning("relay=%s: customer greeting: %s", self.relay_name, exc.reply)
+            return False
         finally:
             self._setup = time.time() - self._started
 
@@ -154,8 +175,17 @@ class Relay:
         return True
 
     async def quit(self) -> None:
-        with contextlib.suppress(ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+        with contextlib.suppress(ConnectionError, TimeoutError, asyncio.IncompleteReadError,
+                                 CustomerClosing):
             await self._command("QUIT", self.timeouts.command)
+
+    def _session_over(self) -> bool:
+        """The lease is lost, the customer said 421, or its MAILMAX is used up."""
+        if not self.ended_by:
+            mail_max = self.extensions.limit("MAILMAX")
+            if mail_max is not None and self._transactions >= mail_max:
+                self.ended_by = f"LIMITS MAILMAX={mail_max} reached"
+        return bool(self.ended_by) or not self.keep_going()
 
     async def drain(self, domains: list[str]) -> DrainReport:
         """Deliver every held message of *domains*, including mail arriving meanwhile."""
@@ -164,36 +194,52 @@ class Relay:
             return report
         for domain in domains:
             attempted: set[str] = set()
-            while self.keep_going():
+            while not self._session_over():
                 fresh = [q for q in await self.queue.held(domain) if q not in attempted]
                 if not fresh:
                     break
                 for qid in fresh:
-                    if not self.keep_going():
-                        break
                     attempted.add(qid)
-                    async with self.queue.checkout(domain, qid) as found:
-                        if found is not None:
-                            await self.deliver(*found, report)
-                    if report.messages % SYNC_EVERY == 0:
-                        await self.queue.sync()
-        if self.keep_going():
+                    # More than the customer's RCPTMAX: one transaction per group.
+                    more = True
+                    while more and not self._session_over():
+                        more = False
+                        async with self.queue.checkout(domain, qid) as found:
+                            if found is not None:
+                                more = await self.deliver(*found, report)
+                        if report.messages % SYNC_EVERY == 0:
+                            await self.queue.sync()
+                    if self._session_over():
+                        break
+        if self.ended_by:
+            log.warning("relay=%s: session ended early: %s; the rest stays held for the "
+                        "next session", self.relay_name, self.ended_by)
+        if self.keep_going() and not self._customer_closed:
             if self.before_quit is not None:
                 await self.before_quit()
             await self.quit()
             report.completed = True
         return report
 
-    async def deliver(self, envelope: Envelope, body: Readable, report: DrainReport) -> None:
-        """One transaction for the pending recipients of one held message."""
+    async def deliver(self, envelope: Envelope, body: Readable, report: DrainReport) -> bool:
+        """One transaction for pending recipients of one held message (at most the
+        customer's LIMITS RCPTMAX); True if others are left for another one."""
         started = time.time()
         report.messages += 1
-        pending = envelope.pending()
+        untried = [r for r in envelope.pending() if (envelope.qid, r.address) not in self._tried]
+        rcpt_max = self.extensions.limit("RCPTMAX")
+        pending = untried[:rcpt_max] if rcpt_max else untried
+        self._tried.update((envelope.qid, r.address) for r in pending)
         refusal = self._local_refusal(envelope)
         if refusal is not None:
             replies = dict.fromkeys((r.address for r in pending), refusal)
         else:
-            replies = await self._transaction(envelope, body, pending)
+            self._transactions += 1
+            try:
+                replies = await self._transaction(envelope, body, pending)
+            except CustomerClosing as exc:
+                self.ended_by, self._customer_closed = str(exc.reply), True
+                replies = dict.fromkeys((r.address for r in pending), exc.reply)
         ended = time.time()
         # Postfix's delays: a (intake; not timed: ours takes milliseconds),
         # b (waiting in the queue), c (greeting and EHLO), d (the transaction).
@@ -216,6 +262,7 @@ class Relay:
         # A customer MTA without DSN cannot honour NOTIFY=SUCCESS: we report "relayed".
         await self.queue.settle(envelope, outcomes,
                                 report_success="DSN" not in self.extensions)
+        return len(untried) > len(pending)
 
     def _local_refusal(self, envelope: Envelope) -> Reply | None:
         """A reason not to send this message to this customer at all, as a reply."""

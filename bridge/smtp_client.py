@@ -148,6 +148,14 @@ class Extensions:
     def __contains__(self, name: str) -> bool:
         return name.upper() in self.names
 
+    def limit(self, name: str) -> int | None:
+        """A positive limit the server announces with LIMITS (RFC 9422), e.g. MAILMAX."""
+        for item in self.names.get("LIMITS", "").split():
+            key, _, value = item.partition("=")
+            if key.upper() == name and value.isdigit() and int(value) > 0:
+                return int(value)
+        return None
+
     def size_limit(self) -> int | None:
         value = self.names.get("SIZE", "")
         return int(value) if value.isdigit() and int(value) > 0 else None

@@ -6,6 +6,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from bench.benchlib import fast_customer, odmr_login
 from odmr_bridge.spool import Envelope, Recipient, Spool, new_qid
 from tests.conftest import CUSTOMER
@@ -132,3 +134,44 @@ def test_a_50_mb_body_is_streamed_from_the_spool_with_flat_memory(tmp_path: Path
         assert peak[0] - baseline < 10 * 1024, f"RSS grew by {peak[0] - baseline} KiB"
     finally:
         b.stop()
+
+
+def held_count(bridge: Bridge) -> int:
+    return len(bridge.held())
+
+
+def test_a_421_from_the_customer_ends_the_session_at_once(bridge: Bridge) -> None:
+    for n in range(5):
+        lmtp_send(bridge.lmtp_port, "s@x.test", [f"r{n}@atrn.example"], BODY)
+    w = Wire(bridge.odmr_port)
+    w.login(*CUSTOMER)
+    assert w.command("ATRN atrn.example")[0] == 250
+    mta = CustomerMta(w, mail_limit=2)
+    with pytest.raises(ConnectionError):  # the bridge closes; it sends no QUIT
+        mta.run()
+    refused = max(i for i, c in enumerate(mta.commands) if c.startswith("MAIL"))
+    assert mta.commands[refused + 1:] == []  # nothing after the MAIL that got 421
+    assert len(mta.messages) == 2
+    assert held_count(bridge) == 3
+    assert "session ended early: 421 4.7.0" in bridge.log_text()
+    assert len(collect(bridge).messages) == 3  # the rest, in the next session
+
+
+def test_limits_mailmax_leaves_the_rest_for_the_next_session(bridge: Bridge) -> None:
+    for n in range(3):
+        lmtp_send(bridge.lmtp_port, "s@x.test", [f"r{n}@atrn.example"], BODY)
+    mta = collect(bridge, ehlo=["customer.test", "LIMITS MAILMAX=2"])
+    assert len(mta.messages) == 2 and mta.commands[-1] == "QUIT"
+    assert held_count(bridge) == 1
+    assert "LIMITS MAILMAX=2 reached" in bridge.log_text()
+    assert len(collect(bridge).messages) == 1
+
+
+def test_limits_rcptmax_splits_a_message_into_transactions_of_that_size(bridge: Bridge
+                                                                        ) -> None:
+    rcpts = [f"r{n}@atrn.example" for n in range(5)]
+    lmtp_send(bridge.lmtp_port, "s@x.test", rcpts, BODY)
+    mta = collect(bridge, ehlo=["customer.test", "PIPELINING", "LIMITS RCPTMAX=2"])
+    assert [m[1] for m in mta.messages] == [rcpts[0:2], rcpts[2:4], rcpts[4:]]
+    assert all(m[2] == BODY for m in mta.messages)
+    assert held_count(bridge) == 0

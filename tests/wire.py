@@ -123,8 +123,12 @@ class CustomerMta:
 
     def __init__(self, wire: Wire, rcpt_replies: dict[str, str] | None = None,
                  ehlo: list[str] | None = None, refuse_ehlo: bool = False,
-                 bare_lf_ends_lines: bool = False, traced: bool = True) -> None:
+                 bare_lf_ends_lines: bool = False, traced: bool = True,
+                 mail_limit: int | None = None) -> None:
         self.w = wire
+        # Like Exim's smtp_accept_max_per_connection: MAIL past this many
+        # messages gets 421 (and whatever follows is recorded).
+        self.mail_limit = mail_limit
         # Mail that came in through the intake carries our Received: line.
         self.traced = traced
         # Like Postfix, Exim and Sendmail before their SMTP smuggling fixes:
@@ -163,6 +167,9 @@ class CustomerMta:
                 for ext in self.ehlo[:-1]:
                     self.reply(f"250-{ext}")
                 self.reply(f"250 {self.ehlo[-1]}")
+            elif verb == "MAIL" and self.mail_limit is not None \
+                    and len(self.messages) >= self.mail_limit:
+                self.reply("421 4.7.0 customer.test too many messages in this connection")
             elif verb == "MAIL":
                 sender, rcpts = line[10:].split(">")[0].lstrip("<"), []
                 self.reply("250 2.1.0 Ok")
