@@ -21,7 +21,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
-from odmr_bridge import metrics, replies
+from odmr_bridge import metrics, replies, smtpd_internals
 from odmr_bridge.accounts import recipient_domain
 from odmr_bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
 from odmr_bridge.queue import HoldQueue
@@ -177,7 +177,7 @@ async def read_message(reader: asyncio.StreamReader, size_limit: int | None,
     return b"".join(crlf_line_ends([content])), None
 
 
-class IntakeServer(LMTP):
+class IntakeServer(smtpd_internals.AddressParser, LMTP):
     """aiosmtpd's LMTP with the bridge's limits; one instance per connection.
 
     aiosmtpd itself ends some DATA phases with one error reply (message too
@@ -240,7 +240,7 @@ class IntakeServer(LMTP):
             arg, self.pending_rcpt_dsn = split
             await super().smtp_RCPT(arg)
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+    def parse_address(self, arg: str) -> tuple[str | None, str | None]:
         """``<local@domain> params`` without the RFC 5322 parser when it is plain.
 
         The host MTA sends plain angle addresses; aiosmtpd's general parser
@@ -253,8 +253,7 @@ class IntakeServer(LMTP):
             address = stripped[1:end]
             if _PLAIN_ADDRESS.fullmatch(address):
                 return address or "<>", stripped[end + 1:].lstrip()
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
-        return result
+        return super().parse_address(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA with :func:`read_message` instead of its line-by-line loop."""
@@ -268,21 +267,22 @@ class IntakeServer(LMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         self._recipients_in_data = len(self.envelope.rcpt_tos)
+        reader, writer = smtpd_internals.streams(self)
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
-                content, error = await read_message(self._reader, self.data_size_limit,
+                content, error = await read_message(reader, self.data_size_limit,
                                                     self.line_length_limit)
             except asyncio.CancelledError:  # the connection was lost during DATA
-                self._writer.close()
+                writer.close()
                 raise
             if error is not None:
-                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                smtpd_internals.end_data(self)
                 await self.push(error)  # repeated for each recipient (push)
                 return
             self.envelope.content = self.envelope.original_content = content
-            status = await self._call_handler_hook("DATA")
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            status = await smtpd_internals.call_data_hook(self)
+            smtpd_internals.end_data(self)
             await self.push(status)
         finally:
             self._recipients_in_data = self._fan_out = 0

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiosmtpd.smtp import Session
 
-from odmr_bridge import metrics, replies
+from odmr_bridge import metrics, replies, smtpd_internals
 from odmr_bridge.accounts import Accounts, AccountsError, normalize_domain
 from odmr_bridge.leases import LeaseKeeper
 from odmr_bridge.odmr_auth import SaslMixin
@@ -75,9 +75,9 @@ _ENHANCED_DEFAULTS = {"221": "2.0.0", "250": "2.0.0", "500": "5.5.2", "501": "5.
 def with_enhanced_code(reply: str) -> str:
     """``500 Command line too long`` -> ``500 5.5.6 Error: command line too long``."""
     code, sep, text = reply[:3], reply[3:4], reply[4:]
-    if code == "500" and "too long" in text.lower():
+    if code == "500" and smtpd_internals.LINE_TOO_LONG_TEXT in text.lower():
         return replies.LINE_TOO_LONG
-    if code == "500" and "not recognized" in text:
+    if code == "500" and smtpd_internals.UNRECOGNIZED_TEXT in text:
         return replies.UNRECOGNIZED
     default = _ENHANCED_DEFAULTS.get(code)
     if default is None or is_enhanced_code(text.split(" ", 1)[0]):
@@ -90,6 +90,8 @@ class OdmrServer(SaslMixin):
 
     def __init__(self, context: OdmrContext, *, tls_on_connect: bool = False,
                  on_close: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
+        # One limit on bad commands: ours (odmr.max_bad_commands).
+        smtpd_internals.disable_unrecognized_command_limit()
         # Set before aiosmtpd's __init__, which inspects every attribute.
         self.context = context
         self.tls_on_connect = tls_on_connect
@@ -113,9 +115,9 @@ class OdmrServer(SaslMixin):
             auth_require_tls=False,
             timeout=context.command_timeout,
             tls_context=None if tls_on_connect else context.tls_context,
+            ident="ODMR service ready",
             **kwargs,
         )
-        self.__ident__ = "ODMR service ready"
 
     # -- connection ------------------------------------------------------------
 
@@ -163,7 +165,7 @@ class OdmrServer(SaslMixin):
 
     @property
     def secure(self) -> bool:
-        return self.tls_on_connect or getattr(self, "_tls_protocol", None) is not None
+        return self.tls_on_connect or smtpd_internals.started_tls(self)
 
     @property
     def delivering(self) -> bool:
@@ -205,7 +207,7 @@ class OdmrServer(SaslMixin):
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
-        self._set_rset_state()  # type: ignore[no-untyped-call]
+        smtpd_internals.reset_transaction(self)
         session = self._session()
         session.extended_smtp = True
         session.host_name = hostname
@@ -299,9 +301,8 @@ class OdmrServer(SaslMixin):
     async def _reverse(self, domains: list[str], leases: LeaseKeeper) -> None:
         # From here on the relay owns the connection and its own RFC 5321
         # timeouts; aiosmtpd's idle timer must not cut a long delivery.
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
-        self._relay = relay = Relay(self._reader, self._writer, self.context.queue,
+        smtpd_internals.stop_idle_timer(self)
+        self._relay = relay = Relay(*smtpd_internals.streams(self), self.context.queue,
                                     hostname=self.hostname, peer=f"customer{self.client}",
                                     timeouts=self.context.timeouts,
                                     keep_going=lambda: not leases.lost,

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis.exceptions
 import scramp
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, auth_mechanism
 
 from odmr_bridge import cram, metrics, replies, sasl
 from odmr_bridge.accounts import Accounts
@@ -127,7 +127,8 @@ class SaslMixin(SMTP):
 
     # -- mechanisms ----------------------------------------------------------------
 
-    async def auth_CRAM__MD5(self, _: object, args: list[str]) -> AuthResult:
+    @auth_mechanism("CRAM-MD5")
+    async def auth_cram_md5(self, _: object, args: list[str]) -> AuthResult:
         if len(args) > 1:  # CRAM-MD5 has no initial response
             return AuthResult(success=False, handled=False, message=replies.AUTH_SYNTAX)
         challenge = f"<{os.getpid()}.{time.time_ns()}@{self.hostname}>".encode()
@@ -141,7 +142,8 @@ class SaslMixin(SMTP):
         ok = stored is not None and cram.verify(stored, challenge, digest)
         return await self._verdict("CRAM-MD5", user, ok)
 
-    async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
+    @auth_mechanism("PLAIN")
+    async def auth_plain(self, _: object, args: list[str]) -> AuthResult:
         blob = await self._initial_or_challenge(args, b"")
         if blob is None:
             return AuthResult(success=False, handled=True)
@@ -155,7 +157,8 @@ class SaslMixin(SMTP):
         ok = authzid in (b"", login) and self._password_ok(user, password)
         return await self._verdict("PLAIN", user, ok)
 
-    async def auth_LOGIN(self, _: object, args: list[str]) -> AuthResult:
+    @auth_mechanism("LOGIN")
+    async def auth_login(self, _: object, args: list[str]) -> AuthResult:
         login = await self._initial_or_challenge(args, b"Username:")
         if login is None:
             return AuthResult(success=False, handled=True)
@@ -170,7 +173,8 @@ class SaslMixin(SMTP):
     def _password_ok(self, user: str, password: bytes) -> bool:
         return sasl.check_password(self.accounts().credentials(user), password)
 
-    async def auth_SCRAM__SHA__256(self, _: object, args: list[str]) -> AuthResult:
+    @auth_mechanism(sasl.SCRAM)
+    async def auth_scram_sha_256(self, _: object, args: list[str]) -> AuthResult:
         first = await self._initial_or_challenge(args, b"")
         if first is None:
             return AuthResult(success=False, handled=True)
