@@ -14,7 +14,7 @@ from typing import TextIO
 
 import redis.exceptions
 
-from odmr_bridge import __version__, config, postfix_setup, queue_tools
+from odmr_bridge import __version__, config, fetch_cli, postfix_setup, queue_tools
 from odmr_bridge.accounts import AccountsError, AccountsFile, DomainLimits, normalize_domain
 from odmr_bridge.daemon import Daemon, redis_client
 from odmr_bridge.embedded_redis import EmbeddedRedisError
@@ -307,11 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
         step.add_argument("qid", nargs="*")
         step.add_argument("--domain", help="every message held for this domain")
     qsub.add_parser("summary", help="held messages by domain and age in minutes (qshape)")
+    fetch_cli.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "fetch":  # the customer side: its own settings (-c: its TOML)
+        return fetch_cli.main(args)
     try:
         settings = config.load(args.config)
     except config.ConfigError as exc:
