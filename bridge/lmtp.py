@@ -15,7 +15,7 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -23,9 +23,9 @@ from aiosmtpd.smtp import Session
 
 from odmr_bridge import metrics, replies, smtpd_internals
 from odmr_bridge.accounts import recipient_domain
+from odmr_bridge.data_reader import read_message
 from odmr_bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
 from odmr_bridge.queue import HoldQueue
-from odmr_bridge.smtp_client import crlf_line_ends
 from odmr_bridge.spool import Recipient
 
 log = logging.getLogger("odmr_bridge.lmtp")
@@ -91,7 +91,8 @@ class IntakeHandler:
             by_domain[domain].append(Recipient(address=address, options=dsn))
         sender = _sender(envelope)
         options = [o for o in envelope.mail_options if o.startswith(_KEPT_MAIL_OPTIONS)]
-        body: bytes = envelope.original_content or b""
+        body = server.data
+        assert body is not None, "smtp_DATA read it"
         try:
             held = await self.queue.commit(sender, options, dict(by_domain), body,
                                            trace=server.received_header)
@@ -123,60 +124,6 @@ def _sender(envelope: SmtpEnvelope) -> str:
     return "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
 
 
-_DOT_LINE_END = b".\r\n"
-
-
-async def read_message(reader: asyncio.StreamReader, size_limit: int | None,
-                       line_limit: int) -> tuple[bytes, str | None]:
-    """Read DATA content up to the lone dot; returns (content, None) or (b"", error reply).
-
-    aiosmtpd reads DATA one line at a time, the costliest step of an intake;
-    here each read ends at the next ``.<CRLF>`` (or at the stream's buffer
-    limit), which for ordinary mail is a handful of reads per message.  The
-    terminator is the first ``.<CRLF>`` that starts a line (after a CRLF: a
-    bare LF or CR never ends a line here).  Dot-stuffing is undone (RFC 5321
-    4.5.2), then every bare CR or LF becomes CRLF, as Postfix stores mail, so
-    that no later reader can take one for the end of DATA (SMTP smuggling).
-    A message over *size_limit*, or with a line longer than *line_limit*
-    (CRLF included), is read to its end and discarded, and the error reply
-    returned.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    too_big = False
-    tail = b"\r\n"  # the start of the data counts as a line start
-    while True:
-        try:
-            piece = await reader.readuntil(_DOT_LINE_END)
-            before = piece[-5:-3] if len(piece) >= 5 else (tail + piece)[-5:-3]
-            ended = before == b"\r\n"
-        except asyncio.LimitOverrunError as exc:
-            # More than the buffer limit before the next ".<CRLF>": take what
-            # is safe to take (never a partial terminator) and look again.
-            piece = await reader.read(exc.consumed)
-            ended = False
-        size += len(piece)
-        if size_limit and size > size_limit:
-            too_big = True
-            chunks.clear()
-        if ended:
-            if not too_big:
-                chunks.append(piece[:-3])
-            break
-        if not too_big:
-            chunks.append(piece)
-        tail = piece[-2:] if len(piece) >= 2 else (tail + piece)[-2:]
-    if too_big:
-        return b"", replies.MESSAGE_TOO_BIG
-    content = b"".join(chunks)
-    if len(content) > line_limit - 2 and max(map(len, content.split(b"\r\n"))) > line_limit - 2:
-        return b"", replies.DATA_LINE_TOO_LONG
-    if content.startswith(b"."):
-        content = content[1:]
-    content = content.replace(b"\r\n.", b"\r\n")
-    return b"".join(crlf_line_ends([content])), None
-
-
 class IntakeServer(smtpd_internals.AddressParser, LMTP):
     """aiosmtpd's LMTP with the bridge's limits; one instance per connection.
 
@@ -188,7 +135,10 @@ class IntakeServer(smtpd_internals.AddressParser, LMTP):
 
     def __init__(self, handler: IntakeHandler, **kwargs: Any) -> None:
         super().__init__(handler, enable_SMTPUTF8=True, **kwargs)
+        self.handler = handler
         self.is_atrn_domain = handler.atrn_domains()
+        # The current transaction's content, as it arrives (in smtp_DATA).
+        self.data: IO[bytes] | None = None
         self._recipients_in_data = 0
         self._fan_out = 0
         # DSN parameters of the current transaction, kept out of aiosmtpd's
@@ -270,21 +220,22 @@ class IntakeServer(smtpd_internals.AddressParser, LMTP):
         reader, writer = smtpd_internals.streams(self)
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
-            try:
-                content, error = await read_message(reader, self.data_size_limit,
-                                                    self.line_length_limit)
-            except asyncio.CancelledError:  # the connection was lost during DATA
-                writer.close()
-                raise
-            if error is not None:
-                smtpd_internals.end_data(self)
-                await self.push(error)  # repeated for each recipient (push)
-                return
-            self.envelope.content = self.envelope.original_content = content
-            status = await smtpd_internals.call_data_hook(self)
+            with self.handler.queue.scratch() as self.data:
+                try:
+                    error = await read_message(reader, self.data, self.data_size_limit,
+                                               self.line_length_limit)
+                except (asyncio.CancelledError, asyncio.IncompleteReadError):
+                    writer.close()  # the connection was lost during DATA
+                    raise
+                if error is not None:
+                    smtpd_internals.end_data(self)
+                    await self.push(error)  # repeated for each recipient (push)
+                    return
+                status = await smtpd_internals.call_data_hook(self)
             smtpd_internals.end_data(self)
             await self.push(status)
         finally:
+            self.data = None
             self._recipients_in_data = self._fan_out = 0
 
     def replying_per_recipient(self) -> None:

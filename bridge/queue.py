@@ -22,6 +22,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from typing import IO
 
 from odmr_bridge.dsn import notify_wants
 from odmr_bridge.index import Index
@@ -33,6 +34,7 @@ from odmr_bridge.spool import (
     FAILED,
     HOLD,
     PENDING,
+    Content,
     CorruptQueueFile,
     Envelope,
     Readable,
@@ -85,7 +87,7 @@ class HoldQueue:
         sender: str,
         mail_options: list[str],
         recipients_by_domain: dict[str, list[Recipient]],
-        body: bytes,
+        body: bytes | IO[bytes],
         trace: Callable[[str, list[Recipient]], bytes] = lambda qid, rcpts: b"",
     ) -> dict[str, Envelope]:
         """Hold *body* once per domain; return domain -> the copy's envelope.
@@ -95,12 +97,12 @@ class HoldQueue:
         copy is on stable storage and indexed.
         """
         now = time.time()
-        copies = []
+        copies: list[tuple[Envelope, bytes | Content]] = []
         for domain, rcpts in recipients_by_domain.items():
             qid = new_qid(now)
-            content = trace(qid, rcpts) + body
+            content = Content(trace(qid, rcpts), body)
             copies.append((Envelope(qid=qid, domain=domain, sender=sender, arrival=now,
-                                    size=len(content), recipients=rcpts,
+                                    size=content.size, recipients=rcpts,
                                     mail_options=list(mail_options)), content))
         envelopes = [envelope for envelope, _ in copies]
         await asyncio.to_thread(self.spool.commit, copies)
@@ -115,6 +117,10 @@ class HoldQueue:
     def _discard(self, envelopes: list[Envelope]) -> None:
         for envelope in envelopes:
             self.spool.path(envelope.qid).unlink(missing_ok=True)
+
+    def scratch(self) -> IO[bytes]:
+        """Where intake puts DATA as it arrives, before :meth:`commit`."""
+        return self.spool.scratch()
 
     async def held(self, domain: str) -> list[str]:
         return await self.index.queued_ids(domain)

@@ -86,30 +86,43 @@ async def read_reply(reader: asyncio.StreamReader, timeout: float) -> Reply:
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
-def crlf_line_ends(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Every line end as CRLF: a bare CR or a bare LF becomes CRLF, chunk by chunk.
+class CrlfLineEnds:
+    """Every line end as CRLF: a bare CR or a bare LF becomes CRLF, piece by piece.
 
     The defence against SMTP smuggling (CVE-2023-51764 and kin): a receiver
     that takes a bare LF (or CR) for a line end would otherwise see a
     ``<LF>.<CRLF>`` inside the content as the end of DATA and whatever follows
-    as new commands.  A CR at the end of a chunk waits for the next one, so a
-    CRLF split across chunks stays one line end.  Content that is already
+    as new commands.  A CR at the end of a piece waits for the next one, so a
+    CRLF split across pieces stays one line end.  Content that is already
     all CRLF (all ordinary mail) passes through without a copy.
     """
-    carry = b""
-    for chunk in chunks:
-        if carry:
-            chunk, carry = carry + chunk, b""
+
+    def __init__(self) -> None:
+        self.carry = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.carry:
+            chunk, self.carry = self.carry + chunk, b""
         if chunk.endswith(b"\r"):
-            chunk, carry = chunk[:-1], b"\r"
-        if not chunk:
-            continue
+            chunk, self.carry = chunk[:-1], b"\r"
         lines = chunk.count(b"\n")
         if chunk.count(b"\r") != lines or chunk.count(b"\r\n") != lines:
             chunk = _LINE_END.sub(b"\r\n", chunk)
-        yield chunk
-    if carry:
-        yield b"\r\n"
+        return chunk
+
+    def end(self) -> bytes:
+        """What a last, lone CR stands for."""
+        return b"\r\n" if self.carry else b""
+
+
+def crlf_line_ends(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """:class:`CrlfLineEnds` over an iterable of chunks."""
+    normaliser = CrlfLineEnds()
+    for chunk in chunks:
+        if out := normaliser.feed(chunk):
+            yield out
+    if out := normaliser.end():
+        yield out
 
 
 def dot_stuff(chunks: Iterable[bytes]) -> Iterator[bytes]:

@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,36 @@ _QID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
 
 class Readable(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
+
+
+# DATA up to this size stays in memory on its way to the spool; beyond, it
+# goes to an unnamed scratch file in incoming/.
+SCRATCH_IN_MEMORY = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Content:
+    """A message to write: header lines of our own, then the data as received.
+
+    *data* is bytes, or a file that is read from its start for each copy.
+    """
+
+    prefix: bytes
+    data: bytes | IO[bytes]
+
+    @property
+    def size(self) -> int:
+        if isinstance(self.data, bytes):
+            return len(self.prefix) + len(self.data)
+        return len(self.prefix) + self.data.seek(0, os.SEEK_END)
+
+    def write_to(self, out: IO[bytes]) -> None:
+        out.write(self.prefix)
+        if isinstance(self.data, bytes):
+            out.write(self.data)
+        else:
+            self.data.seek(0)
+            shutil.copyfileobj(self.data, out, COPY_CHUNK)
 
 
 class CorruptQueueFile(Exception):
@@ -160,7 +191,11 @@ class Spool:
 
     # -- writing -----------------------------------------------------------
 
-    def _write_temp(self, envelope: Envelope, body: bytes | Readable) -> Path:
+    def scratch(self) -> IO[bytes]:
+        """Where DATA goes as it arrives: memory, then an unnamed file in incoming/."""
+        return tempfile.SpooledTemporaryFile(max_size=SCRATCH_IN_MEMORY, dir=str(self.incoming))
+
+    def _write_temp(self, envelope: Envelope, body: bytes | Readable | Content) -> Path:
         """Write and fsync a whole queue file in incoming/; on any error, remove it."""
         temp = self.incoming / envelope.qid
         try:
@@ -170,6 +205,8 @@ class Spool:
                 out.write(b"\n")
                 if isinstance(body, bytes):
                     out.write(body)
+                elif isinstance(body, Content):
+                    body.write_to(out)
                 else:
                     shutil.copyfileobj(body, out, COPY_CHUNK)
                 out.write(TRAILER)
@@ -180,7 +217,7 @@ class Spool:
             raise
         return temp
 
-    def commit(self, envelopes: list[tuple[Envelope, bytes]]) -> None:
+    def commit(self, envelopes: list[tuple[Envelope, bytes | Content]]) -> None:
         """Make each (envelope, body) a deferred message, durably, all or none.
 
         On failure every file written so far is removed and the error raised.

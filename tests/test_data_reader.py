@@ -4,12 +4,13 @@ and nothing after the terminator is consumed.  Pure: a StreamReader fed bytes.""
 from __future__ import annotations
 
 import asyncio
+import io
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from odmr_bridge import replies
-from odmr_bridge.lmtp import read_message
+from odmr_bridge.data_reader import read_message
 
 LIMIT = 1001  # aiosmtpd's line_length_limit, also the StreamReader's buffer limit
 
@@ -26,9 +27,10 @@ async def read(pieces: list[bytes], size_limit: int | None = None) -> tuple[byte
         reader.feed_eof()
 
     feeder = asyncio.create_task(feed())
-    content, error = await read_message(reader, size_limit, LIMIT)
+    sink = io.BytesIO()
+    error = await read_message(reader, sink, size_limit, LIMIT)
     await feeder
-    return content, error, await reader.read()
+    return (sink.getvalue() if error is None else b""), error, await reader.read()
 
 
 def stuffed(lines: list[bytes]) -> bytes:
