@@ -30,7 +30,7 @@ from odmr_bridge.fetch_protocol import (
     format_reply,
     verb_of,
 )
-from odmr_bridge.local_mta import LocalMta
+from odmr_bridge.local_mta import LocalMta, quickack
 from odmr_bridge.smtp_client import ProtocolError, Reply
 
 log = logging.getLogger("odmr_bridge.fetch")
@@ -112,6 +112,7 @@ class ReversedSession:
         return self.report
 
     async def _read(self) -> bytes:
+        quickack(self.writer)
         async with asyncio.timeout(self.timeout):
             data = await self.reader.read(READ_SIZE)
         if not data:

@@ -14,6 +14,17 @@ import socket
 from odmr_bridge.fetch_config import LocalMtaSettings
 from odmr_bridge.smtp_client import Extensions, ProtocolError, Reply, read_reply
 
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def quickack(writer: asyncio.StreamWriter) -> None:
+    """Re-arm TCP_QUICKACK before a read: a delayed ACK would stall the peer's next
+    small write behind Nagle's algorithm (the stall that caps fetchmail)."""
+    sock = writer.get_extra_info("socket")
+    if _QUICKACK is not None and sock is not None and sock.family != socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+
 
 class LocalMtaError(Exception):
     """The local MTA cannot be reached or will not talk; nothing was collected."""
@@ -81,6 +92,7 @@ class LocalMta:
         await self.writer.drain()
 
     async def reply(self, timeout: float | None = None) -> Reply:
+        quickack(self.writer)
         return await read_reply(self.reader, timeout or self.timeout)
 
     async def command(self, line: str) -> Reply:
