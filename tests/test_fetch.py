@@ -375,3 +375,13 @@ def test_cli_reads_the_password_from_stdin_and_exits_by_outcome(
     assert usage.returncode == fetch.EXIT_USAGE and "no provider" in usage.stderr
 
 
+
+
+def test_the_example_file_in_deploy_loads(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("pw\n")
+    text = (ROOT / "deploy" / "fetch.toml").read_text().replace(
+        "/etc/odmr-bridge/fetch.password", str(secret))
+    (tmp_path / "fetch.toml").write_text(text)
+    s = fetch_config.load(str(tmp_path / "fetch.toml"), {})
+    assert (s.host, s.port, s.tls, s.verify) == ("mx.provider.example", 366, "starttls", True)
