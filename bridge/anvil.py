@@ -25,13 +25,13 @@ from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from odmr_bridge import keys, metrics, replies
 from odmr_bridge.index import load_script
 from odmr_bridge.logs import Occasional
+from odmr_bridge.redis_topology import AsyncClient
 
 log = logging.getLogger("odmr_bridge.anvil")
 
@@ -49,7 +49,7 @@ class AnvilPolicy:
 
 
 class Anvil:
-    def __init__(self, client: aioredis.Redis, policy: AnvilPolicy) -> None:
+    def __init__(self, client: AsyncClient, policy: AnvilPolicy) -> None:
         self.redis = client
         self.policy = policy
         self._node = uuid.uuid4().hex[:12]

@@ -14,9 +14,16 @@ from typing import TextIO
 
 import redis.exceptions
 
-from odmr_bridge import __version__, config, fetch_cli, postfix_setup, queue_tools
+from odmr_bridge import (
+    __version__,
+    config,
+    fetch_cli,
+    postfix_setup,
+    queue_tools,
+    redis_topology,
+)
 from odmr_bridge.accounts import AccountsError, AccountsFile, DomainLimits, normalize_domain
-from odmr_bridge.daemon import Daemon, redis_client
+from odmr_bridge.daemon import Daemon
 from odmr_bridge.embedded_redis import EmbeddedRedisError
 from odmr_bridge.index import Index, IndexedMessage
 from odmr_bridge.logs import setup as setup_logging
@@ -145,18 +152,15 @@ def _format_postqueue(messages: list[IndexedMessage]) -> str:
 
 
 async def _queue_list(settings: config.Settings, domain: str | None, as_json: bool) -> int:
-    client = redis_client(settings)
+    client = await redis_topology.connect(settings)
     try:
-        index = Index(client)
-        domains = [domain.lower()] if domain else await index.domains()
-        messages: list[IndexedMessage] = []
-        for d in domains:
-            messages.extend(await index.messages(d))
+        queue = HoldQueue(Spool(settings.spool.dir), Index(client))
+        messages = await queue.messages(domain.lower() if domain else None)
+        # Notices to senders waiting for the host MTA, like Postfix's MAILER-DAEMON entries.
+        messages += [n for n in await queue.notices()
+                     if domain is None or n.domain == domain.lower()]
     finally:
         await client.aclose()
-    # Notices to senders waiting for the host MTA, like Postfix's MAILER-DAEMON entries.
-    messages += [n for n in queue_tools.notices(Spool(settings.spool.dir))
-                 if domain is None or n.domain == domain.lower()]
     messages.sort(key=lambda m: m.arrival)
     if as_json:
         print(json.dumps([
@@ -172,19 +176,19 @@ async def _queue_list(settings: config.Settings, domain: str | None, as_json: bo
 
 
 async def _queue_tool(settings: config.Settings, args: argparse.Namespace) -> int:
-    client = redis_client(settings)
+    client = await redis_topology.connect(settings)
     queue = HoldQueue(Spool(settings.spool.dir), Index(client))
     try:
         if args.action == "show":
-            sys.stdout.buffer.write(queue_tools.show(queue, args.qid))
+            sys.stdout.buffer.write(await queue_tools.show(queue, args.qid))
         elif args.action in ("delete", "hold", "release", "requeue"):
             qids = list(args.qid)
             if args.domain:
                 domain = normalize_domain(args.domain)
                 if args.action != "release":
-                    qids += await queue.index.queued_ids(domain)
+                    qids += await queue.held(domain)
                 if args.action != "hold":
-                    qids += await queue.index.held_ids(domain)
+                    qids += await queue.on_hold(domain)
             if not qids:
                 raise CliError(f"nothing to {args.action}: name queue IDs or --domain")
             if args.action == "requeue":
@@ -198,10 +202,7 @@ async def _queue_tool(settings: config.Settings, args: argparse.Namespace) -> in
                 for qid in await verb(queue, qids):
                     print(f"{qid}: {done}")
         elif args.action == "summary":
-            messages: list[IndexedMessage] = []
-            for domain in await queue.index.domains():
-                messages.extend(await queue.index.messages(domain))
-            print(queue_tools.summary(messages))
+            print(queue_tools.summary(await queue.messages()))
     finally:
         await client.aclose()
     return 0
@@ -212,7 +213,7 @@ REINDEX_WAIT = 10.0
 
 
 async def _reindex(settings: config.Settings) -> int:
-    client = redis_client(settings)
+    client = await redis_topology.connect(settings)
     try:
         report = await HoldQueue(Spool(settings.spool.dir), Index(client)).reindex(
             wait=REINDEX_WAIT)
@@ -339,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, AccountsError, EmbeddedRedisError, ActivationError,
             queue_tools.QueueToolError) as exc:
         print(f"odmr-bridge: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except redis_topology.RedisUnreachable as exc:
+        private = args.command != "serve" and not (
+            settings.redis.url or settings.redis.cluster_nodes or settings.redis.sentinels)
+        print(f"odmr-bridge: {exc}{'; is the bridge running?' if private else ''}",
+              file=sys.stderr)
         return EXIT_FAILURE
     except (ConnectionError, redis.exceptions.ConnectionError) as exc:
         print(f"odmr-bridge: cannot reach Redis ({exc}); is the bridge running?",

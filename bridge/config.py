@@ -26,8 +26,20 @@ class ConfigError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class RedisSettings:
-    # Empty: start a private redis-server under the spool directory.
+    # Exactly one of url, cluster_nodes, sentinels says where Redis is.
+    # url empty (and the other two empty): start a private redis-server under
+    # the spool directory.
     url: str = ""
+    # A Redis Cluster: some of its nodes, "host:port,host:port,...".
+    cluster_nodes: str = ""
+    # Redis Sentinel: the sentinels "host:port,..." and the master's name.
+    sentinels: str = ""
+    sentinel_master: str = ""
+    # AUTH password of the Redis servers (cluster nodes, sentinel-managed master).
+    password: str = ""
+    # Replicas that must confirm a write (WAIT) before mail is acknowledged;
+    # -1: 1 with cluster_nodes or sentinels, 0 with url.
+    wait_replicas: int = -1
     server_binary: str = "redis-server"
 
 
@@ -201,7 +213,34 @@ def _section_types(section_cls: type) -> dict[str, type]:
     return {f.name: hints[str(f.type)] for f in dataclasses.fields(section_cls)}
 
 
+def parse_host_ports(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` -> [(host, port), ...]; at least one."""
+    nodes = [parse_host_port(item.strip()) for item in value.split(",") if item.strip()]
+    if not nodes:
+        raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+    return nodes
+
+
+def _validate_redis(redis: RedisSettings) -> None:
+    chosen = [name for name in ("url", "cluster_nodes", "sentinels") if getattr(redis, name)]
+    if len(chosen) > 1:
+        raise ConfigError(f"redis.{' and redis.'.join(chosen)}: set only one of redis.url, "
+                          "redis.cluster_nodes, redis.sentinels")
+    for name in ("cluster_nodes", "sentinels"):
+        if getattr(redis, name):
+            try:
+                parse_host_ports(getattr(redis, name))
+            except ValueError as exc:
+                raise ConfigError(f"redis.{name}: {exc}") from None
+    if bool(redis.sentinels) != bool(redis.sentinel_master):
+        raise ConfigError("redis.sentinels and redis.sentinel_master: set both or neither")
+    if redis.wait_replicas < -1:
+        raise ConfigError("redis.wait_replicas: must be 0 or more (-1: the default), "
+                          f"got {redis.wait_replicas!r}")
+
+
 def _validate(settings: Settings) -> None:
+    _validate_redis(settings.redis)
     if settings.log.level not in _LOG_LEVELS:
         raise ConfigError(
             f"log.level: expected one of {sorted(_LOG_LEVELS)}, got {settings.log.level!r}"

@@ -22,15 +22,14 @@ from pathlib import Path
 from ssl import SSLContext
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP
 
-from odmr_bridge import metrics, systemd
+from odmr_bridge import metrics, redis_topology, systemd
 from odmr_bridge.accounts import Accounts
 from odmr_bridge.anvil import AdmissionGate, Anvil, AnvilPolicy
 from odmr_bridge.bounce import ReportSettings
 from odmr_bridge.config import Settings, SystemdSocket, parse_host_port, parse_listen
-from odmr_bridge.embedded_redis import EmbeddedRedis, url_for
+from odmr_bridge.embedded_redis import EmbeddedRedis
 from odmr_bridge.index import Index
 from odmr_bridge.leases import NodeIdentity
 from odmr_bridge.lifecycle import Lifecycle, LifecyclePolicy
@@ -46,15 +45,6 @@ from odmr_bridge.transport_map import watched_atrn_domains
 from odmr_bridge.watch import Reloading
 
 log = logging.getLogger("odmr_bridge.daemon")
-
-
-def redis_url(settings: Settings) -> str:
-    """The configured Redis, or the private one under the spool directory."""
-    return settings.redis.url or url_for(settings.spool.dir)
-
-
-def redis_client(settings: Settings) -> aioredis.Redis:
-    return aioredis.from_url(redis_url(settings))
 
 
 def lifecycle_policy(settings: Settings, reporting_mta: str) -> LifecyclePolicy:
@@ -161,32 +151,39 @@ class Daemon:
         if removed := spool.clear_incoming():
             log.info("removed %d unfinished file(s) from incoming/", removed)
         embedded: EmbeddedRedis | None = None
-        if not settings.redis.url:
-            embedded = EmbeddedRedis(settings.spool.dir, settings.redis.server_binary)
+        redis = settings.redis
+        if not (redis.url or redis.cluster_nodes or redis.sentinels):
+            embedded = EmbeddedRedis(settings.spool.dir, redis.server_binary)
             await asyncio.to_thread(embedded.start)
             log.info("started private redis-server at %s", embedded.socket)
-        client = redis_client(settings)
+        try:
+            client = await redis_topology.connect(settings)
+        except redis_topology.RedisUnreachable:
+            if embedded is not None:
+                await asyncio.to_thread(embedded.stop)
+            raise
+        log.info("using %s", redis_topology.describe(settings))
         node = NodeIdentity.take(spool.root)
         accounts: Reloading[Accounts] | None = None
         transport_domains: Reloading[frozenset[str]] | None = None
         try:
             queue = HoldQueue(spool, Index(client, owner=node.name))
-            await queue.index.prepare()
+            await queue.prepare()
             accounts = Reloading(settings.accounts.file, Accounts.load)
             accounts.start()
             transport_domains = watched_atrn_domains(settings)
             # This node's sessions died with its last run: free their domains now,
             # not when their leases expire (lease_seconds), before reindex takes them.
-            known = set(await queue.index.domains()) | set(accounts().domains) \
+            known = set(await queue.domains()) | set(accounts().domains) \
                 | transport_domains()
-            if freed := await queue.index.free_own_leases(sorted(known)):
+            if freed := await queue.free_own_leases(sorted(known)):
                 log.info("freed %d lease(s) of this node's previous run: %s", len(freed),
                          ",".join(freed))
             report = await queue.reindex()
             log.info("index mended from spool: %d message(s) in %d domain(s), %d added, "
                      "%d stale removed, %d corrupt", report.messages, report.domains,
                      report.added, report.removed, report.corrupt)
-            await self._serve(queue, accounts, transport_domains)
+            await self._serve(queue, client, spool, accounts, transport_domains)
         finally:
             for watched in (accounts, transport_domains):
                 if watched is not None:
@@ -198,7 +195,8 @@ class Daemon:
         log.info("stopped")
         return 0
 
-    async def _serve(self, queue: HoldQueue, accounts: Reloading[Accounts],
+    async def _serve(self, queue: HoldQueue, client: Any, spool: Spool,
+                     accounts: Reloading[Accounts],
                      transport_domains: Reloading[frozenset[str]]) -> None:
         settings = self.settings
         name = hostname(settings)
@@ -211,10 +209,10 @@ class Daemon:
         intake = IntakeHandler(queue, atrn_domains)
         lifecycle = Lifecycle(queue, lifecycle_policy(settings, name))
         tls_context = server_context(settings.tls)
-        throttle = AuthThrottle(queue.index.redis, ThrottlePolicy(
+        throttle = AuthThrottle(client, ThrottlePolicy(
             settings.auth.max_failures, settings.auth.failure_window, settings.auth.failure_delay))
         await throttle.prepare()
-        anvil = Anvil(queue.index.redis, AnvilPolicy(
+        anvil = Anvil(client, AnvilPolicy(
             max_connections=settings.odmr.client_connection_limit,
             max_rate=settings.odmr.client_connection_rate_limit))
         anvil_renewal = asyncio.create_task(anvil.renew_forever())
@@ -234,7 +232,7 @@ class Daemon:
         metrics_server = None
         if settings.metrics.listen:
             metrics_server = metrics.serve(parse_host_port(settings.metrics.listen),
-                                           redis_url(settings), queue.spool)
+                                           redis_topology.sync_client(settings), spool)
         self.servers = [
             await listen(self._tracked(lambda: IntakeServer(
                 intake, hostname=name, data_size_limit=settings.lmtp.max_message_size,

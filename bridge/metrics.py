@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
 from odmr_bridge import keys
+from odmr_bridge.redis_topology import SyncClient
 from odmr_bridge.spool import BOUNCE, Spool
 
 INTAKE_MESSAGES = Counter("odmr_bridge_intake_messages",
@@ -51,7 +52,7 @@ class HoldQueueCollector(Collector):
     """Per-domain gauges from the Redis index, and the notices waiting in the
     spool's bounce/ directory, read at each scrape."""
 
-    def __init__(self, client: redis.Redis, spool: Spool) -> None:
+    def __init__(self, client: SyncClient, spool: Spool) -> None:
         self.redis = client
         self.spool = spool
 
@@ -105,9 +106,10 @@ class HoldQueueCollector(Collector):
         return rows
 
 
-def serve(listen: tuple[str, int], redis_url: str, spool: Spool,
+def serve(listen: tuple[str, int], client: SyncClient, spool: Spool,
           registry: CollectorRegistry = REGISTRY) -> Any:
-    """Start the /metrics HTTP endpoint on its own thread; returns the server (shutdown())."""
-    registry.register(HoldQueueCollector(redis.Redis.from_url(redis_url), spool))
+    """Start the /metrics HTTP endpoint on its own thread; returns the server (shutdown()).
+    *client*: redis_topology.sync_client (a scrape runs on the server's thread)."""
+    registry.register(HoldQueueCollector(client, spool))
     server, _thread = start_http_server(listen[1], listen[0], registry=registry)
     return server

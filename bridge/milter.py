@@ -29,7 +29,7 @@ import redis
 from odmr_bridge import keys
 from odmr_bridge.accounts import Accounts, DomainLimits, recipient_domain
 from odmr_bridge.config import Settings
-from odmr_bridge.embedded_redis import url_for
+from odmr_bridge.redis_topology import SyncClient, sync_client
 from odmr_bridge.transport_map import watched_atrn_domains
 from odmr_bridge.watch import Reloading
 
@@ -41,7 +41,7 @@ class Policy:
 
     def __init__(self, accounts: Callable[[], Accounts],
                  transport_domains: Callable[[], frozenset[str]],
-                 client: redis.Redis, on_redis_error: str) -> None:
+                 client: SyncClient, on_redis_error: str) -> None:
         self.accounts = accounts
         self.transport_domains = transport_domains
         self.redis = client
@@ -127,8 +127,7 @@ def serve(settings: Settings) -> int:
     accounts = Reloading(settings.accounts.file, Accounts.load)
     accounts.start()
     transport_domains = watched_atrn_domains(settings)
-    client = redis.Redis.from_url(settings.redis.url or url_for(settings.spool.dir),
-                                  socket_timeout=5, socket_connect_timeout=5)
+    client = sync_client(settings)
     AdmissionMilter.policy = Policy(accounts, transport_domains, client,
                                     settings.milter.on_redis_error)
     Milter.factory = AdmissionMilter
