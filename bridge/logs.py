@@ -7,8 +7,10 @@ look for mail logs.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import logging.handlers
+import queue
 import sys
 import time
 
@@ -66,11 +68,36 @@ def _handler(target: str, syslog_socket: str) -> logging.Handler:
     return handler
 
 
+class _Handoff(logging.handlers.QueueHandler):
+    """Hands each record to the writer thread as it is: formatting, the write and
+    its system call happen there, off the event loop (Postfix's daemons hand
+    their lines to syslogd the same way)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+_writer: logging.handlers.QueueListener | None = None
+
+
+def _stop_writer() -> None:
+    """Write out every line still queued (at exit, and before a new set-up)."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
+
+
 def setup(level: str = "info", target: str = "stderr", syslog_socket: str = "/dev/log") -> None:
+    global _writer
+    _stop_writer()
     root = logging.getLogger()
     handler = _handler(target, syslog_socket)
     handler.addFilter(_Service())
-    root.handlers[:] = [handler]
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _writer = logging.handlers.QueueListener(lines, handler)
+    _writer.start()
+    root.handlers[:] = [_Handoff(lines)]
     root.setLevel(level.upper())
     # aiosmtpd logs every command line (AUTH responses included) at INFO and
     # deprecation chatter at WARNING; our own modules log the events.
@@ -80,3 +107,6 @@ def setup(level: str = "info", target: str = "stderr", syslog_socket: str = "/de
     logging.getLogger("watchdog").setLevel(logging.WARNING)
     for name in ("odmr_bridge",):
         logging.getLogger(name).setLevel(level.upper())
+
+
+atexit.register(_stop_writer)

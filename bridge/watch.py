@@ -17,7 +17,6 @@ from watchdog.events import (
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
-    FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -26,10 +25,12 @@ from watchdog.observers import Observer
 
 T = TypeVar("T")
 log = logging.getLogger("odmr_bridge.watch")
-# The events that can change a file's content; the folder may be busy with
-# others (a log file beside the watched one), which the kernel then never sends.
-_CHANGES: list[type[FileSystemEvent]] = [FileCreatedEvent, FileModifiedEvent, FileMovedEvent,
-                                          FileDeletedEvent, FileClosedEvent]
+# A file's new content is complete when it is closed after writing, or
+# renamed, created or deleted in place.  Not every write (IN_MODIFY): the
+# folder may hold a busy file (a log beside the watched one), and the kernel
+# then sends nothing for it.
+_CHANGES: list[type[FileSystemEvent]] = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent,
+                                          FileClosedEvent]
 
 
 class Reloading(Generic[T]):
