@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable
 
 from odmr_bridge import bounce, metrics
 from odmr_bridge.logs import seconds
-from odmr_bridge.queue import DomainBusy, HoldQueue, Outcome
-from odmr_bridge.spool import BOUNCE, FAILED, CorruptQueueFile, Envelope, UnknownQueueId
+from odmr_bridge.queue import DomainBusy, HoldQueue
+from odmr_bridge.spool import Envelope
 
 log = logging.getLogger("odmr_bridge.lifecycle")
 
@@ -116,9 +116,7 @@ class Lifecycle:
         # Only domains whose oldest message is due for something are visited.
         ages = [self.policy.max_hold] + ([self.policy.delay_warning]
                                          if self.policy.delay_warning > 0 else [])
-        cutoff = when - min(ages)
-        oldest = await self.queue.index.oldest(await self.queue.index.domains())
-        for domain in sorted(d for d, arrival in oldest.items() if arrival < cutoff):
+        for domain in await self.queue.due_domains(when - min(ages)):
             try:
                 report.expired += await self._expire(domain, when)
                 report.warned += await self._warn(domain, when)
@@ -147,21 +145,18 @@ class Lifecycle:
         return done
 
     async def _expire(self, domain: str, now: float) -> int:
-        due = await self.queue.index.arrived_before(domain, now - self.policy.max_hold)
+        due = await self.queue.arrived_before(domain, now - self.policy.max_hold)
 
         async def expire(envelope: Envelope) -> bool:
             days = self.policy.max_hold / 86400
-            outcomes = {}
-            for rcpt in envelope.pending():
-                last = f"; last reply: {rcpt.reason}" if rcpt.reason else ""
-                outcomes[rcpt.address] = Outcome(
-                    FAILED, f"4.4.7 message expired: held {days:g} days and not collected{last}")
             held = seconds(now - envelope.arrival)
-            for address in outcomes:  # each line before the queue's "removed"
+            for rcpt in envelope.pending():  # each line before the queue's "removed"
                 metrics.RECIPIENTS.labels("expired").inc()
                 log.info("%s: to=<%s>, relay=none, delay=%s, delays=0/%s/0/0, dsn=4.4.7, "
-                         "status=expired, returned to sender", envelope.qid, address, held, held)
-            await self.queue.settle(envelope, outcomes)
+                         "status=expired, returned to sender", envelope.qid, rcpt.address,
+                         held, held)
+            await self.queue.expire(
+                envelope, f"4.4.7 message expired: held {days:g} days and not collected")
             return True
 
         return await self._visit(domain, due, expire)
@@ -169,44 +164,30 @@ class Lifecycle:
     async def _warn(self, domain: str, now: float) -> int:
         if self.policy.delay_warning <= 0:
             return 0
-        due = await self.queue.index.arrived_before(domain, now - self.policy.delay_warning)
-        warned = await self.queue.index.warned(domain, due)
-        due = [qid for qid, done in zip(due, warned, strict=True) if not done]
-
-        async def warn(envelope: Envelope) -> bool:
-            if envelope.warned:
-                return False
-            await self.queue.notify(envelope, envelope.pending())
-            envelope.warned = True
-            await asyncio.to_thread(self.queue.spool.rewrite, envelope)
-            await self.queue.index.mark_warned(domain, envelope.qid)
-            return True
-
-        return await self._visit(domain, due, warn)
+        due = await self.queue.arrived_before(domain, now - self.policy.delay_warning)
+        return await self._visit(domain, await self.queue.unwarned(domain, due),
+                                 self.queue.warn)
 
     # -- sending notices ---------------------------------------------------------
 
     async def send_notices(self, now: float) -> tuple[int, int]:
         """Send what waits in bounce/; returns (sent or given up, kept for later)."""
-        spool = self.queue.spool
         done = kept = 0
-        for qid in await asyncio.to_thread(lambda: sorted(spool.ids(BOUNCE))):
+        for waiting in await self.queue.waiting_notices():
+            qid = waiting.qid
             try:
-                with spool.open_body(qid, BOUNCE) as (body, notice):
+                async with self.queue.open_notice(waiting) as opened:
+                    if opened is None:  # sent meanwhile, or corrupt (quarantined)
+                        continue
+                    body, notice = opened
                     message = bounce.build(notice, body, self.policy.report, now)
-            except UnknownQueueId:
-                continue
-            except CorruptQueueFile as exc:
-                log.error("%s: moved to corrupt: %s", qid, exc)
-                await asyncio.to_thread(spool.quarantine, qid, BOUNCE)
-                continue
             except Exception as exc:  # a bug must not stop the other notices
                 log.error("%s: cannot build notice, kept for the next pass: %s: %s", qid,
                           type(exc).__name__, exc)
                 kept += 1
                 continue
             if await self._deliver(qid, notice, message, now):
-                await asyncio.to_thread(spool.remove, qid, BOUNCE)
+                await self.queue.remove_notice(notice)
                 done += 1
             else:
                 kept += 1

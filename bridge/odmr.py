@@ -266,7 +266,7 @@ class OdmrServer(SaslMixin):
 
     async def _atrn(self, domains: list[str]) -> None:
         queue = self.context.queue
-        leases = LeaseKeeper(queue.index, self.context.lease_seconds)
+        leases = queue.leases(self.context.lease_seconds)
         reversing = False
         try:
             if not await leases.acquire(domains):
@@ -275,7 +275,7 @@ class OdmrServer(SaslMixin):
                 metrics.ATRN.labels("busy").inc()
                 await self.push(replies.ATRN_BUSY)
                 return
-            counts = [await queue.index.count(d) for d in domains]
+            counts = [await queue.count(d) for d in domains]
             if not any(counts):
                 log.info("%s: ATRN user=%s domains=%s: no mail (453)", self.client, self.user,
                          ",".join(domains))

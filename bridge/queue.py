@@ -1,4 +1,10 @@
-"""The hold queue: the spool (the record) and the Redis index together.
+"""The hold queue: the store (the record) and the Redis index together.
+
+``HoldQueue`` is the only code that changes stored messages: intake, the
+relay, the queue pass (lifecycle.py) and the operator's commands
+(queue_tools.py, cli.py) call its methods and nothing under it.  The store
+(``store.py``: :class:`~odmr_bridge.store.FilesStore` on the spool) keeps
+envelopes and content; the index (``index.py``) lists and counts them.
 
 Order of writes, so that no crash loses mail:
   commit: spool first (durable), then index; an index failure removes the
@@ -9,8 +15,9 @@ Order of writes, so that no crash loses mail:
           mended by :meth:`HoldQueue.reindex` (run by ``serve`` at start-up)
           or lazily when a stale entry is met.
 
-State changes outside an ATRN session (expiry, operator commands) take the
-domain's lease first, so they never race a delivery of the same message.
+State changes outside an ATRN session (expiry, warnings, operator commands)
+run under the domain's lease (:meth:`HoldQueue.exclusive`), so they never
+race a delivery of the same message.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import IO
 
 from odmr_bridge.dsn import notify_wants
-from odmr_bridge.index import Index
+from odmr_bridge.index import Index, IndexedMessage
 from odmr_bridge.leases import LeaseKeeper
 from odmr_bridge.spool import (
     BOUNCE,
@@ -43,6 +50,7 @@ from odmr_bridge.spool import (
     UnknownQueueId,
     new_qid,
 )
+from odmr_bridge.store import FilesStore, Store
 
 log = logging.getLogger("odmr_bridge.queue")
 
@@ -77,10 +85,35 @@ class ReindexReport:
 
 
 class HoldQueue:
-    def __init__(self, spool: Spool, index: Index) -> None:
-        self.spool = spool
+    """Held mail: every change to a stored message goes through these methods.
+
+    Intake: :meth:`scratch`, :meth:`commit`.  Delivery: :meth:`held`,
+    :meth:`checkout`, :meth:`settle`, :meth:`sync`, :meth:`leases`.  The
+    queue pass: :meth:`due_domains`, :meth:`arrived_before`, :meth:`unwarned`,
+    :meth:`expire`, :meth:`warn`, :meth:`waiting_notices`,
+    :meth:`open_notice`, :meth:`remove_notice`.  Operators: :meth:`locate`, :meth:`show`,
+    :meth:`hold`, :meth:`release`, :meth:`delete`, :meth:`requeue`,
+    :meth:`reindex`, and the read-only :meth:`domains`, :meth:`messages`,
+    :meth:`on_hold`, :meth:`count`, :meth:`stats`, :meth:`notices`.
+
+    The ``store`` and ``index`` attributes are this module's: other modules
+    never reach through them (tests/test_queue_owner.py checks).
+    """
+
+    def __init__(self, store: Store | Spool, index: Index) -> None:
+        self.store: Store = FilesStore(store) if isinstance(store, Spool) else store
         self.index = index
         self._unsynced: list[tuple[str, str]] = []
+
+    async def prepare(self) -> None:
+        """Ready the index (its scripts loaded) before the first state change."""
+        await self.index.prepare()
+
+    # -- intake -------------------------------------------------------------
+
+    def scratch(self) -> IO[bytes]:
+        """Where intake puts DATA as it arrives, before :meth:`commit`."""
+        return self.store.scratch()
 
     async def commit(
         self,
@@ -97,7 +130,7 @@ class HoldQueue:
         copy is on stable storage and indexed.
         """
         now = time.time()
-        copies: list[tuple[Envelope, bytes | Content]] = []
+        copies: list[tuple[Envelope, Content]] = []
         for domain, rcpts in recipients_by_domain.items():
             qid = new_qid(now)
             content = Content(trace(qid, rcpts), body)
@@ -105,25 +138,29 @@ class HoldQueue:
                                     size=content.size, recipients=rcpts,
                                     mail_options=list(mail_options)), content))
         envelopes = [envelope for envelope, _ in copies]
-        await asyncio.to_thread(self.spool.commit, copies)
+        await self.store.write(copies)
         try:
             for envelope in envelopes:
                 await self.index.add(envelope)
         except BaseException:
-            await asyncio.to_thread(self._discard, envelopes)
+            for envelope in envelopes:  # unacknowledged: the caller answers 4xx
+                await self.store.remove(envelope.domain, envelope.qid)
             raise
         return {e.domain: e for e in envelopes}
 
-    def _discard(self, envelopes: list[Envelope]) -> None:
-        for envelope in envelopes:
-            self.spool.path(envelope.qid).unlink(missing_ok=True)
-
-    def scratch(self) -> IO[bytes]:
-        """Where intake puts DATA as it arrives, before :meth:`commit`."""
-        return self.spool.scratch()
+    # -- delivery -------------------------------------------------------------
 
     async def held(self, domain: str) -> list[str]:
+        """Deliverable messages of *domain* (not on hold), oldest first."""
         return await self.index.queued_ids(domain)
+
+    def leases(self, ttl: float) -> LeaseKeeper:
+        """A keeper of ATRN leases (one session per domain) on this queue's index."""
+        return LeaseKeeper(self.index, ttl)
+
+    async def free_own_leases(self, domains: list[str]) -> list[str]:
+        """At start-up: free the leases this node's previous run held on *domains*."""
+        return await self.index.free_own_leases(domains)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, domain: str) -> AsyncIterator[LeaseKeeper]:
@@ -132,7 +169,7 @@ class HoldQueue:
         The lease is renewed while the block runs; a long block checks
         ``lease.lost`` between steps.
         """
-        lease = LeaseKeeper(self.index, EXCLUSIVE_SECONDS)
+        lease = self.leases(EXCLUSIVE_SECONDS)
         if not await lease.acquire([domain]):
             raise DomainBusy(f"{domain} is being collected by an ATRN session right now")
         try:
@@ -145,14 +182,13 @@ class HoldQueue:
                        qid: str) -> AsyncIterator[tuple[Envelope, Readable] | None]:
         """A held message opened for delivery: (envelope, body), or None.
 
-        None when the index entry was stale (the file is gone: the entry is
-        dropped), the file is corrupt (moved to corrupt/), or nothing is
-        pending.  The open is synchronous: a header read from the page cache
-        costs less than a thread hop.
+        None when the index entry was stale (the message is gone: the entry
+        is dropped), the message is corrupt (quarantined), or nothing is
+        pending.
         """
-        reader = self.spool.open_body(qid)
+        opened = self.store.open(domain, qid)
         try:
-            body, envelope = reader.__enter__()
+            body, envelope = await opened.__aenter__()
         except UnknownQueueId:
             log.warning("%s: in the index but not on the spool; dropping index entry", qid)
             await self.index.remove(domain, qid)
@@ -160,21 +196,14 @@ class HoldQueue:
             return
         except CorruptQueueFile as exc:
             log.error("%s: moved to corrupt: %s", qid, exc)
-            await asyncio.to_thread(self.spool.quarantine, qid)
+            await self.store.quarantine(domain, qid)
             await self.index.remove(domain, qid)
             yield None
             return
         try:
             yield (envelope, body) if envelope.pending() else None
         finally:
-            if envelope.pending():
-                reader.__exit__(None, None, None)
-            else:
-                # Delivered and unlinked: the last close frees the file, the
-                # costliest step of a delivery; let a worker thread pay it
-                # while the next message goes out.
-                asyncio.get_running_loop().run_in_executor(None, reader.__exit__, None, None,
-                                                           None)
+            await opened.__aexit__(None, None, None)
 
     async def load(self, domain: str, qid: str) -> Envelope | None:
         """The envelope of a held message with pending recipients, or None."""
@@ -205,13 +234,13 @@ class HoldQueue:
         await self.notify(envelope, failed)
         await self.notify(envelope, relayed)
         if envelope.pending():
-            await asyncio.to_thread(self.spool.rewrite, envelope)
+            await self.store.rewrite(envelope)
             await self.index.update_recipients(envelope)
         else:
-            # All final: unlink now; the directory fsync and the index update
-            # follow at the next sync(), batched.  A stale index entry
-            # meanwhile is harmless: checkout() drops entries without a file.
-            self.spool.remove(envelope.qid, sync=False)
+            # All final: remove now; durability and the index update follow
+            # at the next sync(), batched.  A stale index entry meanwhile is
+            # harmless: checkout() drops entries without a message.
+            await self.store.remove(envelope.domain, envelope.qid, sync=False)
             self._unsynced.append((envelope.domain, envelope.qid))
             log.info("%s: removed", envelope.qid)
 
@@ -230,7 +259,7 @@ class HoldQueue:
         notice = dataclasses.replace(envelope, qid=new_qid(), recipients=wanted,
                                      about=envelope.qid)
         # Only deliverable messages are settled, expired or warned about.
-        await asyncio.to_thread(self.spool.place, notice, envelope.qid, DEFERRED, BOUNCE)
+        await self.store.copy(notice, envelope.qid, DEFERRED, BOUNCE)
         log.info("%s: sender %s notification: %s", envelope.qid,
                  _NOTICE_NAME[wanted[0].state], notice.qid)
         return notice.qid
@@ -239,18 +268,178 @@ class HoldQueue:
         """Make the removals since the last sync durable and drop them from the index."""
         if self._unsynced:
             done, self._unsynced = self._unsynced, []
-            await asyncio.to_thread(self.spool.sync)
+            await self.store.sync()
             await self.index.remove_many(done)
 
-    def _ids(self, queue: str) -> list[str]:
-        return list(self.spool.ids(queue))
+    # -- the queue pass: expiry and delay warnings -----------------------------
+
+    async def due_domains(self, cutoff: float) -> list[str]:
+        """Domains whose oldest deliverable message arrived before *cutoff*."""
+        oldest = await self.index.oldest(await self.index.domains())
+        return sorted(d for d, arrival in oldest.items() if arrival < cutoff)
+
+    async def arrived_before(self, domain: str, cutoff: float) -> list[str]:
+        """Deliverable messages of *domain* that arrived before *cutoff* (unix time)."""
+        return await self.index.arrived_before(domain, cutoff)
+
+    async def unwarned(self, domain: str, qids: list[str]) -> list[str]:
+        """Those of *qids* whose sender has had no delay warning yet."""
+        warned = await self.index.warned(domain, qids)
+        return [qid for qid, done in zip(qids, warned, strict=True) if not done]
+
+    async def expire(self, envelope: Envelope, reply: str) -> None:
+        """Fail every pending recipient of a checked-out message with *reply*
+        (their last reply appended) and queue the non-delivery notice; the
+        message is then removed (see :meth:`settle`).  Under the domain's lease."""
+        outcomes = {}
+        for rcpt in envelope.pending():
+            last = f"; last reply: {rcpt.reason}" if rcpt.reason else ""
+            outcomes[rcpt.address] = Outcome(FAILED, f"{reply}{last}")
+        await self.settle(envelope, outcomes)
+
+    async def warn(self, envelope: Envelope) -> bool:
+        """Queue the one delay warning for a checked-out message and mark it
+        sent (notice first, then the message, then the index); False if it
+        was sent before.  Under the domain's lease."""
+        if envelope.warned:
+            return False
+        await self.notify(envelope, envelope.pending())
+        envelope.warned = True
+        await self.store.rewrite(envelope)
+        await self.index.mark_warned(envelope.domain, envelope.qid)
+        return True
+
+    # -- notices to senders (bounce/) ------------------------------------------
+
+    async def waiting_notices(self) -> list[Envelope]:
+        """The notices waiting in bounce/, oldest ID first; a corrupt one is
+        quarantined (and logged) instead."""
+        found = []
+        async for scanned in self.store.scan(BOUNCE):
+            if scanned.envelope is None:
+                log.error("%s: moved to corrupt: %s", scanned.qid, scanned.problem)
+                await self.store.quarantine(scanned.domain, scanned.qid, BOUNCE)
+            else:
+                found.append(scanned.envelope)
+        return sorted(found, key=lambda notice: notice.qid)
+
+    @contextlib.asynccontextmanager
+    async def open_notice(self, notice: Envelope) -> AsyncIterator[tuple[Readable, Envelope] |
+                                                                    None]:
+        """A notice to send: (body of the message it is about, the notice as
+        stored now), or None when it was sent meanwhile or is corrupt (then
+        quarantined)."""
+        opened = self.store.open(notice.domain, notice.qid, BOUNCE)
+        try:
+            body, current = await opened.__aenter__()
+        except UnknownQueueId:
+            yield None
+            return
+        except CorruptQueueFile as exc:
+            log.error("%s: moved to corrupt: %s", notice.qid, exc)
+            await self.store.quarantine(notice.domain, notice.qid, BOUNCE)
+            yield None
+            return
+        try:
+            yield body, current
+        finally:
+            await opened.__aexit__(None, None, None)
+
+    async def remove_notice(self, notice: Envelope) -> None:
+        """The host MTA took the notice (or refused it for good): drop it."""
+        await self.store.remove(notice.domain, notice.qid, BOUNCE)
+
+    async def notices(self) -> list[IndexedMessage]:
+        """Notices waiting in bounce/, as listing entries: from MAILER-DAEMON to the
+        sender, dated when written."""
+        return [IndexedMessage(qid=s.qid, domain=s.envelope.domain, arrival=s.stored,
+                               size=s.envelope.size, sender="",
+                               recipients=[(s.envelope.sender, PENDING)], queue=BOUNCE)
+                async for s in self.store.scan(BOUNCE) if s.envelope is not None]
+
+    # -- operators (postsuper, postcat) ------------------------------------------
+
+    async def locate(self, qid: str) -> tuple[str, Envelope]:
+        """(queue, envelope) of a message or notice, by ID; UnknownQueueId or
+        CorruptQueueFile if there is none or it is damaged."""
+        return await self.store.locate(qid)
+
+    async def show(self, qid: str) -> tuple[str, Envelope, bytes]:
+        """(queue, envelope, content) of a message or notice, for ``queue show``."""
+        where, envelope = await self.store.locate(qid)
+        async with self.store.open(envelope.domain, qid, where) as (body, envelope):
+            return where, envelope, body.read()
+
+    async def hold(self, envelope: Envelope) -> None:
+        """Keep a deferred message from delivery and expiry until released.
+        Under the domain's lease (:meth:`exclusive`)."""
+        await self.store.move(envelope.domain, envelope.qid, DEFERRED, HOLD)
+        await self.index.move(envelope.domain, envelope.qid, hold=True)
+        log.info("%s: placed on hold by the operator", envelope.qid)
+
+    async def release(self, envelope: Envelope) -> None:
+        """Make a message on hold deliverable again.  Under the domain's lease."""
+        await self.store.move(envelope.domain, envelope.qid, HOLD, DEFERRED)
+        await self.index.move(envelope.domain, envelope.qid, hold=False)
+        log.info("%s: released from hold by the operator", envelope.qid)
+
+    async def delete(self, where: str, envelope: Envelope) -> None:
+        """Remove a message (deferred or on hold) or a notice (bounce).  Under
+        the domain's lease."""
+        await self.store.remove(envelope.domain, envelope.qid, where)
+        if where != BOUNCE:  # notices are not indexed
+            await self.index.remove(envelope.domain, envelope.qid)
+        log.info("%s: removed by the operator", envelope.qid)
+
+    async def requeue(self, where: str, envelope: Envelope) -> str:
+        """A fresh copy under a new ID, through the intake path: pending
+        recipients only, last replies cleared, clocks restarted, deliverable;
+        then the old one goes.  Returns the new ID.  Under the domain's lease."""
+        fresh = dataclasses.replace(
+            envelope, qid=new_qid(), arrival=time.time(), warned=False,
+            recipients=[dataclasses.replace(r, reason="") for r in envelope.recipients
+                        if r.state == PENDING])
+        await self.store.copy(fresh, envelope.qid, where, DEFERRED)
+        await self.index.add(fresh)
+        await self.store.remove(envelope.domain, envelope.qid, where)
+        await self.index.remove(envelope.domain, envelope.qid)
+        log.info("%s: requeued by the operator as %s", envelope.qid, fresh.qid)
+        return fresh.qid
+
+    # -- read-only queries -------------------------------------------------------
+
+    async def domains(self) -> list[str]:
+        """Every domain with indexed mail."""
+        return await self.index.domains()
+
+    async def on_hold(self, domain: str) -> list[str]:
+        """Messages of *domain* on hold by the operator."""
+        return await self.index.held_ids(domain)
+
+    async def count(self, domain: str) -> int:
+        """How many deliverable messages *domain* has."""
+        return await self.index.count(domain)
+
+    async def messages(self, domain: str | None = None) -> list[IndexedMessage]:
+        """Indexed messages (deliverable and on hold) of *domain*, or of every
+        domain, oldest first within a domain."""
+        found: list[IndexedMessage] = []
+        for d in [domain] if domain else await self.index.domains():
+            found.extend(await self.index.messages(d))
+        return found
+
+    async def stats(self, domain: str) -> dict[str, int]:
+        """The domain's counters: messages and bytes held."""
+        return await self.index.stats(domain)
+
+    # -- reindex ---------------------------------------------------------------
 
     async def reindex(self, *, wait: float = 0.0) -> ReindexReport:
-        """Mend the index from the spool (the record); safe while the daemon serves.
+        """Mend the index from the store (the record); safe while the daemon serves.
 
-        Add-only for what the scan finds: a file without an index entry is
+        Add-only for what the scan finds: a message without an index entry is
         indexed (an entry already there is left as is), and an entry is
-        dropped only if its file is gone when it is dropped, so mail
+        dropped only if its message is gone when it is dropped, so mail
         committed during the scan is never hidden.  Each domain is mended
         under its lease, waiting up to *wait* seconds for it; a domain still
         busy after that is left as it is and named in the report.
@@ -258,17 +447,13 @@ class HoldQueue:
         found: dict[str, set[str]] = defaultdict(set)
         corrupt = 0
         for queue in (DEFERRED, HOLD):
-            for qid in await asyncio.to_thread(self._ids, queue):
-                try:
-                    envelope = await asyncio.to_thread(self.spool.read_envelope, qid, queue)
-                except UnknownQueueId:
-                    continue
-                except CorruptQueueFile as exc:
-                    log.error("%s: moved to corrupt: %s", qid, exc)
-                    await asyncio.to_thread(self.spool.quarantine, qid, queue)
+            async for scanned in self.store.scan(queue):
+                if scanned.envelope is None:
+                    log.error("%s: moved to corrupt: %s", scanned.qid, scanned.problem)
+                    await self.store.quarantine(scanned.domain, scanned.qid, queue)
                     corrupt += 1
                     continue
-                found[envelope.domain].add(qid)
+                found[scanned.envelope.domain].add(scanned.qid)
         report = ReindexReport(messages=sum(len(q) for q in found.values()),
                                domains=len(found), corrupt=corrupt)
         loop = asyncio.get_running_loop()
@@ -293,8 +478,8 @@ class HoldQueue:
         for qid in sorted(found - indexed):
             if lease.lost:
                 raise DomainBusy(domain)
-            # Read again under the lease: the file may have changed since the scan.
-            current = await asyncio.to_thread(self._current, qid)
+            # Read again under the lease: the message may have changed since the scan.
+            current = await self._current(domain, qid)
             if current is None:
                 continue
             envelope, queue = current
@@ -305,28 +490,22 @@ class HoldQueue:
         for qid in sorted(indexed - found):
             if lease.lost:
                 raise DomainBusy(domain)
-            # Committed after the scan, or moved meanwhile: still on the spool.
-            gone = not await asyncio.to_thread(self._on_spool, qid)
+            # Committed after the scan, or moved meanwhile: still stored.
+            gone = not any([await self.store.exists(domain, qid, q) for q in (DEFERRED, HOLD)])
             if gone and await self.index.remove(domain, qid):
                 report.removed += 1
         if not await self.index.recount(domain):
             log.warning("%s: stats not recounted: intake too busy", domain)
 
-    def _current(self, qid: str) -> tuple[Envelope, str] | None:
-        """The envelope of held message *qid* and its queue, as on the spool now."""
+    async def _current(self, domain: str, qid: str) -> tuple[Envelope, str] | None:
+        """The envelope of held message *qid* and its queue, as stored now."""
         for queue in (DEFERRED, HOLD):
             try:
-                return self.spool.read_envelope(qid, queue), queue
+                return await self.store.read_envelope(domain, qid, queue), queue
             except UnknownQueueId:
                 continue
             except CorruptQueueFile as exc:
                 log.error("%s: moved to corrupt: %s", qid, exc)
-                self.spool.quarantine(qid, queue)
+                await self.store.quarantine(domain, qid, queue)
                 return None
         return None
-
-    def _on_spool(self, qid: str) -> bool:
-        try:
-            return any(self.spool.path(qid, queue).exists() for queue in (DEFERRED, HOLD))
-        except UnknownQueueId:  # not even a queue ID
-            return False

@@ -1,16 +1,15 @@
 """Operator views and commands for the hold queue, in the habits of Postfix's tools.
 
 ``show`` is ``postcat``, ``summary`` is ``qshape``; ``delete``, ``hold``,
-``release`` and ``requeue`` are ``postsuper -d/-h/-H/-r``.  They read the
-spool (the record) and the Redis index; every change takes the domain's
-lease first, so it never races an ATRN session delivering the same message.
+``release`` and ``requeue`` are ``postsuper -d/-h/-H/-r``.  They ask the
+hold queue (queue.py), which alone changes stored messages; every change
+runs under the domain's lease, so it never races an ATRN session delivering
+the same message.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
 import datetime
 import logging
 import time
@@ -22,12 +21,9 @@ from odmr_bridge.spool import (
     BOUNCE,
     DEFERRED,
     HOLD,
-    PENDING,
     CorruptQueueFile,
     Envelope,
-    Spool,
     UnknownQueueId,
-    new_qid,
     valid_qid,
 )
 
@@ -45,21 +41,6 @@ def _stamp(when: float) -> str:
     return datetime.datetime.fromtimestamp(when).strftime("%a %b %d %H:%M:%S %Y")
 
 
-def notices(spool: Spool) -> list[IndexedMessage]:
-    """Notices waiting in bounce/, as listing entries: from MAILER-DAEMON to the sender."""
-    found = []
-    for qid in spool.ids(BOUNCE):
-        try:
-            with spool.open_body(qid, BOUNCE) as (_, notice):
-                written = spool.path(qid, BOUNCE).stat().st_mtime
-        except (UnknownQueueId, CorruptQueueFile, FileNotFoundError):
-            continue  # sent meanwhile, or the queue pass will quarantine it
-        found.append(IndexedMessage(qid=qid, domain=notice.domain, arrival=written,
-                                    size=notice.size, sender="",
-                                    recipients=[(notice.sender, PENDING)], queue=BOUNCE))
-    return found
-
-
 @contextlib.contextmanager
 def _looked_up(qid: str) -> Iterator[None]:
     """Turn a bad, unknown or corrupt queue ID into a QueueToolError naming the problem."""
@@ -73,19 +54,16 @@ def _looked_up(qid: str) -> Iterator[None]:
         raise QueueToolError(f"corrupt queue file: {exc}") from None
 
 
-def _locate(queue: HoldQueue, qid: str) -> tuple[str, Envelope]:
+async def _locate(queue: HoldQueue, qid: str) -> tuple[str, Envelope]:
     """(queue, envelope) of a held message or notice."""
     with _looked_up(qid):
-        where = queue.spool.find(qid)
-        return where, queue.spool.read_envelope(qid, where)
+        return await queue.locate(qid)
 
 
-def show(queue: HoldQueue, qid: str) -> bytes:
+async def show(queue: HoldQueue, qid: str) -> bytes:
     """``postcat``: the envelope, each recipient's state, then the message."""
     with _looked_up(qid):
-        where = queue.spool.find(qid)
-        with queue.spool.open_body(qid, where) as (body, envelope):
-            content = body.read()
+        where, envelope, content = await queue.show(qid)
     lines = [
         f"*** ENVELOPE RECORDS {qid} ***",
         f"queue: {where}",
@@ -107,7 +85,7 @@ def show(queue: HoldQueue, qid: str) -> bytes:
 async def _each(queue: HoldQueue, qids: Iterable[str], wanted: tuple[str, ...],
                 action: str) -> list[tuple[str, Envelope]]:
     """Locate every message first, so a typo in the list changes nothing."""
-    found = [(qid, *_locate(queue, qid)) for qid in qids]
+    found = [(qid, *await _locate(queue, qid)) for qid in qids]
     for qid, where, _ in found:
         if where not in wanted:
             what = {HOLD: "on hold", DEFERRED: "deferred", BOUNCE: "a notice to a sender"}
@@ -135,39 +113,22 @@ async def _exclusive_each(queue: HoldQueue, messages: list[tuple[str, Envelope]]
 
 
 async def _delete(queue: HoldQueue, where: str, envelope: Envelope) -> str:
-    await asyncio.to_thread(queue.spool.remove, envelope.qid, where)
-    if where != BOUNCE:  # notices are not indexed
-        await queue.index.remove(envelope.domain, envelope.qid)
-    log.info("%s: removed by the operator", envelope.qid)
+    await queue.delete(where, envelope)
     return envelope.qid
 
 
 async def _hold(queue: HoldQueue, where: str, envelope: Envelope) -> str:
-    await asyncio.to_thread(queue.spool.move, envelope.qid, DEFERRED, HOLD)
-    await queue.index.move(envelope.domain, envelope.qid, hold=True)
-    log.info("%s: placed on hold by the operator", envelope.qid)
+    await queue.hold(envelope)
     return envelope.qid
 
 
 async def _release(queue: HoldQueue, where: str, envelope: Envelope) -> str:
-    await asyncio.to_thread(queue.spool.move, envelope.qid, HOLD, DEFERRED)
-    await queue.index.move(envelope.domain, envelope.qid, hold=False)
-    log.info("%s: released from hold by the operator", envelope.qid)
+    await queue.release(envelope)
     return envelope.qid
 
 
 async def _requeue(queue: HoldQueue, where: str, envelope: Envelope) -> str:
-    """A fresh copy under a new ID: pending recipients only, clocks restarted."""
-    fresh = dataclasses.replace(
-        envelope, qid=new_qid(), arrival=time.time(), warned=False,
-        recipients=[dataclasses.replace(r, reason="") for r in envelope.recipients
-                    if r.state == PENDING])
-    await asyncio.to_thread(queue.spool.place, fresh, envelope.qid, where, DEFERRED)
-    await queue.index.add(fresh)
-    await asyncio.to_thread(queue.spool.remove, envelope.qid, where)
-    await queue.index.remove(envelope.domain, envelope.qid)
-    log.info("%s: requeued by the operator as %s", envelope.qid, fresh.qid)
-    return fresh.qid
+    return await queue.requeue(where, envelope)
 
 
 async def delete(queue: HoldQueue, qids: Iterable[str]) -> list[str]:

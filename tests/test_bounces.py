@@ -23,7 +23,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from odmr_bridge.bounce import ReportSettings
 from odmr_bridge.lifecycle import Lifecycle, LifecyclePolicy
 from odmr_bridge.queue import HoldQueue, Outcome
-from odmr_bridge.spool import BOUNCE, DELIVERED, FAILED, PENDING, Recipient
+from odmr_bridge.spool import BOUNCE, DELIVERED, FAILED, PENDING, Recipient, Spool
 from tests.conftest import CUSTOMER, need
 from tests.peers import Bridge, Postfix, SinkHandler, free_port, smtp_sink, wait_for
 from tests.wire import CustomerMta, Wire
@@ -100,7 +100,7 @@ def returned_message(part: Message) -> Message:
 
 
 async def test_a_5xx_from_the_customer_returns_the_message_to_its_sender(
-        queue: HoldQueue, host_mta: tuple[int, ScriptedMta]) -> None:
+        queue: HoldQueue, spool: Spool, host_mta: tuple[int, ScriptedMta]) -> None:
     port, mta = host_mta
     qid = await hold(queue, [Recipient("a@atrn.example"), Recipient("b@atrn.example")])
     await customer_answers(queue, qid, {
@@ -123,7 +123,7 @@ async def test_a_5xx_from_the_customer_returns_the_message_to_its_sender(
     original = returned_message(returned)
     assert original["Subject"] == "the original"
     assert ".A line with a leading dot." in original.get_payload()
-    assert list(queue.spool.ids(BOUNCE)) == []
+    assert list(spool.ids(BOUNCE)) == []
     assert await queue.held("atrn.example") == []
 
 
@@ -154,7 +154,7 @@ async def test_a_large_original_comes_back_as_headers_only(
 
 
 async def test_notify_never_and_the_null_sender_get_no_notice(
-        queue: HoldQueue, host_mta: tuple[int, ScriptedMta]) -> None:
+        queue: HoldQueue, spool: Spool, host_mta: tuple[int, ScriptedMta]) -> None:
     port, mta = host_mta
     never = await hold(queue, [Recipient("a@atrn.example", ["NOTIFY=NEVER"]),
                                Recipient("b@atrn.example", ["NOTIFY=SUCCESS"])])
@@ -164,7 +164,7 @@ async def test_notify_never_and_the_null_sender_get_no_notice(
     await customer_answers(queue, null, {"c@atrn.example": Outcome(FAILED, "550 no")})
     await Lifecycle(queue, policy(port)).run_pass()
     assert mta.messages == []
-    assert list(queue.spool.ids(BOUNCE)) == []
+    assert list(spool.ids(BOUNCE)) == []
     assert await queue.held("atrn.example") == []
 
 
@@ -240,16 +240,16 @@ async def test_one_delay_warning_per_message_and_the_mail_stays_held(
 
 
 async def test_a_notice_the_host_mta_tempfails_is_kept_and_sent_later(
-        queue: HoldQueue) -> None:
+        queue: HoldQueue, spool: Spool) -> None:
     with smtp_sink(ScriptedMta(["451 4.3.0 try again"])) as (port, mta):
         qid = await hold(queue, [Recipient("a@atrn.example")])
         await customer_answers(queue, qid, {"a@atrn.example": Outcome(FAILED, "550 no")})
         lifecycle = Lifecycle(queue, policy(port))
         assert (await lifecycle.run_pass()).kept == 1
-        assert len(list(queue.spool.ids(BOUNCE))) == 1
+        assert len(list(spool.ids(BOUNCE))) == 1
         assert (await lifecycle.run_pass()).sent == 1
         assert len(mta.messages) == 1
-        assert list(queue.spool.ids(BOUNCE)) == []
+        assert list(spool.ids(BOUNCE)) == []
 
 
 async def test_a_notice_waits_while_the_host_mta_is_down(queue: HoldQueue) -> None:
@@ -259,13 +259,13 @@ async def test_a_notice_waits_while_the_host_mta_is_down(queue: HoldQueue) -> No
     assert (report.sent, report.kept) == (0, 1)
 
 
-async def test_a_notice_refused_for_good_is_dropped(queue: HoldQueue,
+async def test_a_notice_refused_for_good_is_dropped(queue: HoldQueue, spool: Spool,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     with smtp_sink(ScriptedMta(["550 5.1.1 sender unknown here"])) as (port, mta):
         qid = await hold(queue, [Recipient("a@atrn.example")])
         await customer_answers(queue, qid, {"a@atrn.example": Outcome(FAILED, "550 no")})
         assert (await Lifecycle(queue, policy(port)).run_pass()).sent == 1
-    assert list(queue.spool.ids(BOUNCE)) == [] and mta.messages == []
+    assert list(spool.ids(BOUNCE)) == [] and mta.messages == []
     assert "status=bounced" in caplog.text and "sender unknown here" in caplog.text
 
 
@@ -299,11 +299,11 @@ async def test_a_utf8_sender_behind_a_host_mta_without_smtputf8_is_given_up(
     assert "does not offer SMTPUTF8" in caplog.text
 
 
-async def test_messages_on_hold_do_not_expire(queue: HoldQueue,
+async def test_messages_on_hold_do_not_expire(queue: HoldQueue, spool: Spool,
                                               host_mta: tuple[int, ScriptedMta]) -> None:
     port, mta = host_mta
     qid = await hold(queue, [Recipient("a@atrn.example")])
-    queue.spool.move(qid, "deferred", "hold")
+    spool.move(qid, "deferred", "hold")
     await queue.index.move("atrn.example", qid, hold=True)
     assert (await Lifecycle(queue, policy(port)).run_pass(now=time.time() + 9 * DAY)).expired == 0
     assert [m.qid for m in await queue.index.messages("atrn.example")] == [qid]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from odmr_bridge import keys
 from odmr_bridge.index import Index
 from odmr_bridge.queue import HoldQueue, Outcome
-from odmr_bridge.spool import BOUNCE, DELIVERED, FAILED, PENDING, Recipient
+from odmr_bridge.spool import BOUNCE, DELIVERED, FAILED, PENDING, Recipient, Spool
 
 BODY = b"Subject: t\r\n\r\nbody\r\n"
 
@@ -16,7 +16,8 @@ async def hold(queue: HoldQueue, **by_domain: list[str]) -> dict[str, str]:
     return {domain: envelope.qid for domain, envelope in held.items()}
 
 
-async def test_commit_holds_once_per_domain_and_indexes_each(queue: HoldQueue) -> None:
+async def test_commit_holds_once_per_domain_and_indexes_each(
+        queue: HoldQueue, spool: Spool) -> None:
     qids = await hold(queue, atrn_example=["a@atrn.example", "b@atrn.example"],
                       second_example=["c@second.example"])
     assert set(qids) == {"atrn.example", "second.example"}
@@ -25,10 +26,10 @@ async def test_commit_holds_once_per_domain_and_indexes_each(queue: HoldQueue) -
     [msg] = await queue.index.messages("atrn.example")
     assert msg.recipients == [("a@atrn.example", PENDING), ("b@atrn.example", PENDING)]
     assert await queue.index.stats("atrn.example") == {"messages": 1, "bytes": len(BODY)}
-    assert sorted(queue.spool.ids()) == sorted(qids.values())
+    assert sorted(spool.ids()) == sorted(qids.values())
 
 
-async def test_partial_delivery_keeps_the_rest_held(queue: HoldQueue) -> None:
+async def test_partial_delivery_keeps_the_rest_held(queue: HoldQueue, spool: Spool) -> None:
     qid = (await hold(queue, atrn_example=["a@atrn.example", "b@atrn.example",
                                            "c@atrn.example"]))["atrn.example"]
     env = await queue.load("atrn.example", qid)
@@ -46,7 +47,7 @@ async def test_partial_delivery_keeps_the_rest_held(queue: HoldQueue) -> None:
     await queue.sync()  # removals of finished messages are batched
     assert await queue.held("atrn.example") == []
     assert await queue.index.stats("atrn.example") == {"messages": 0, "bytes": 0}
-    [notice] = [queue.spool.read_envelope(n, BOUNCE) for n in queue.spool.ids(BOUNCE)]
+    [notice] = [spool.read_envelope(n, BOUNCE) for n in spool.ids(BOUNCE)]
     assert notice.about == qid
     assert [(r.address, r.state, r.reason) for r in notice.recipients] == [
         ("c@atrn.example", FAILED, "550 no")]
@@ -64,29 +65,30 @@ async def test_reindex_rebuilds_a_lost_index_exactly(queue: HoldQueue, index: In
     assert await index.stats("atrn.example") == {"messages": 2, "bytes": 2 * len(BODY)}
 
 
-async def test_reindex_drops_entries_whose_files_are_gone(queue: HoldQueue, index: Index) -> None:
+async def test_reindex_drops_entries_whose_files_are_gone(
+        queue: HoldQueue, spool: Spool, index: Index) -> None:
     qid = (await hold(queue, atrn_example=["a@atrn.example"]))["atrn.example"]
-    queue.spool.path(qid).unlink()
+    spool.path(qid).unlink()
     await queue.reindex()
     assert await queue.held("atrn.example") == []
 
 
-async def test_a_stale_index_entry_is_dropped_when_met(queue: HoldQueue) -> None:
+async def test_a_stale_index_entry_is_dropped_when_met(queue: HoldQueue, spool: Spool) -> None:
     qid = (await hold(queue, atrn_example=["a@atrn.example"]))["atrn.example"]
-    queue.spool.path(qid).unlink()
+    spool.path(qid).unlink()
     assert await queue.load("atrn.example", qid) is None
     assert await queue.held("atrn.example") == []
 
 
-async def test_corrupt_file_is_quarantined_not_delivered(queue: HoldQueue) -> None:
+async def test_corrupt_file_is_quarantined_not_delivered(queue: HoldQueue, spool: Spool) -> None:
     qid = (await hold(queue, atrn_example=["a@atrn.example"]))["atrn.example"]
-    path = queue.spool.path(qid)
+    path = spool.path(qid)
     path.write_bytes(path.read_bytes()[:-3])
     assert await queue.load("atrn.example", qid) is None
-    assert (queue.spool.corrupt / qid).exists()
+    assert (spool.corrupt / qid).exists()
 
 
-async def test_a_failed_index_write_leaves_no_unacknowledged_file(queue: HoldQueue,
+async def test_a_failed_index_write_leaves_no_unacknowledged_file(queue: HoldQueue, spool: Spool,
                                                                   index: Index) -> None:
     # A WRONGTYPE error from Redis stands in for "the index is unusable".
     await index.redis.set(keys.deferred("atrn.example"), "not a zset")
@@ -96,7 +98,7 @@ async def test_a_failed_index_write_leaves_no_unacknowledged_file(queue: HoldQue
         assert "WRONGTYPE" in str(exc)
     else:
         raise AssertionError("commit should have failed")
-    assert list(queue.spool.ids()) == []
+    assert list(spool.ids()) == []
 
 
 async def test_one_lease_per_domain_released_only_by_its_holder(index: Index) -> None:

@@ -15,7 +15,7 @@ import time
 
 from odmr_bridge import keys
 from odmr_bridge.queue import HoldQueue
-from odmr_bridge.spool import Envelope, Recipient, new_qid
+from odmr_bridge.spool import Envelope, Recipient, Spool, new_qid
 from tests.conftest import CUSTOMER
 from tests.peers import Bridge
 from tests.wire import CustomerMta, Wire, lmtp_send
@@ -85,11 +85,12 @@ def test_reindex_during_intake_hides_nothing(bridge: Bridge) -> None:
     assert bridge.held() == []
 
 
-async def test_reindex_leaves_entries_as_they_are_and_recounts_stats(queue: HoldQueue) -> None:
+async def test_reindex_leaves_entries_as_they_are_and_recounts_stats(
+        queue: HoldQueue, spool: Spool) -> None:
     envelope = Envelope(qid=new_qid(), domain="atrn.example", sender="s@x.test",
                         arrival=time.time(), size=len(numbered(1)),
                         recipients=[Recipient("a@atrn.example")])
-    await asyncio.to_thread(queue.spool.commit, [(envelope, numbered(1))])
+    await asyncio.to_thread(spool.commit, [(envelope, numbered(1))])
     report = await queue.reindex()  # a file without an entry: indexed
     assert (report.messages, report.added, report.removed) == (1, 1, 0)
     redis = queue.index.redis
@@ -106,10 +107,11 @@ async def test_reindex_leaves_entries_as_they_are_and_recounts_stats(queue: Hold
     assert await queue.held("atrn.example") == [envelope.qid]
 
 
-async def test_reindex_waits_for_the_lease_or_names_the_busy_domain(queue: HoldQueue) -> None:
+async def test_reindex_waits_for_the_lease_or_names_the_busy_domain(
+        queue: HoldQueue, spool: Spool) -> None:
     envelope = Envelope(qid=new_qid(), domain="atrn.example", sender="s@x.test",
                         arrival=time.time(), size=10, recipients=[Recipient("a@atrn.example")])
-    await asyncio.to_thread(queue.spool.commit, [(envelope, b"x" * 10)])
+    await asyncio.to_thread(spool.commit, [(envelope, b"x" * 10)])
     async with queue.exclusive("atrn.example"):  # an ATRN session, say
         report = await queue.reindex(wait=0.2)
     assert report.busy == ["atrn.example"]
