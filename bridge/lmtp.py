@@ -23,6 +23,7 @@ from aiosmtpd.smtp import Session
 
 from odmr_bridge import metrics, replies, smtpd_internals
 from odmr_bridge.accounts import recipient_domain
+from odmr_bridge.coalesce import CoalescingTransport
 from odmr_bridge.data_reader import read_message
 from odmr_bridge.dsn import MAIL_PARAMETERS, RCPT_PARAMETERS, DsnSyntaxError, split_parameters
 from odmr_bridge.queue import HoldQueue
@@ -146,6 +147,11 @@ class IntakeServer(smtpd_internals.AddressParser, LMTP):
         self.mail_dsn: list[str] = []
         self.pending_rcpt_dsn: list[str] = []
         self.recipient_dsn: list[list[str]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The answers to one pipelined group leave in one send (coalesce.py).
+        assert isinstance(transport, asyncio.Transport)
+        super().connection_made(CoalescingTransport(transport))
 
     @property
     def client(self) -> str:
