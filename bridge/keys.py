@@ -65,3 +65,36 @@ def anvil_connections(address: str) -> str:
 
 def anvil_rate(address: str) -> str:
     return f"{PREFIX}:anvil:{{{address}}}:rate"
+
+
+# -- the redis store (redis_store.py): message content beside its index entry --
+#
+#   bridge:{d}:q:<queue>:<qid>     STRING a held message: "<stored> <pieces> <envelope
+#                                         length>\n", the envelope JSON, the first
+#                                         piece of content; <queue> is deferred,
+#                                         hold or bounce (a move is a RENAME)
+#   bridge:{d}:body:<qid>          LIST   the content after the first piece, in pieces
+#   bridge:{d}:incoming:<qid>      LIST   pieces being written (expires; renamed to
+#                                         body:<qid> by the script that stores the message)
+#   bridge:{d}:corrupt:<qid>       STRING a message that failed validation, set aside
+
+
+def stored(domain: str, queue: str, qid: str) -> str:
+    return f"{_tag(domain)}:q:{queue}:{qid}"
+
+
+def stored_pattern(queue: str = "*", qid: str = "*") -> str:
+    """A SCAN MATCH pattern for stored messages of every domain."""
+    return f"{PREFIX}:{{*}}:q:{queue}:{qid}"
+
+
+def pieces(domain: str, qid: str) -> str:
+    return f"{_tag(domain)}:body:{qid}"
+
+
+def incoming(domain: str, qid: str) -> str:
+    return f"{_tag(domain)}:incoming:{qid}"
+
+
+def corrupt(domain: str, qid: str) -> str:
+    return f"{_tag(domain)}:corrupt:{qid}"

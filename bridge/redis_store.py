@@ -1,0 +1,388 @@
+"""The ``redis`` store: held messages live in Redis beside their index entries.
+
+Every key of a message is under its domain's hash tag (keys.py), so one
+script stores a message, its pieces and its index entry together, and every
+later state change is one script in that slot:
+
+- the message is a STRING ``bridge:{d}:q:<queue>:<qid>``: a header line
+  ``<stored> <pieces> <envelope length>``, the envelope JSON, then the first
+  piece of content; a message of one piece (up to ``PIECE`` bytes: nearly
+  all mail) is that one key;
+- larger content continues in ``bridge:{d}:body:<qid>``, a LIST of pieces of
+  ``PIECE`` bytes, so no command carries more than one piece.  A write
+  appends the pieces to an expiring ``incoming`` list and the storing script
+  renames it into place: an interrupted write leaves nothing that lasts;
+- the queue is the key's name (a move is a RENAME, as the spool's is); the
+  index's sets and entry (index.py) are changed by the same scripts, so
+  HoldQueue's index call after each of them changes nothing.
+
+:meth:`RedisStore.write` returns once ``wait_replicas`` replicas have the
+write (``WAIT``; :class:`NotReplicated` otherwise, with the copies removed);
+a Redis at ``maxmemory`` raises ``OSError(ENOSPC)`` with nothing stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import io
+import json
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from importlib import resources
+from typing import IO, Any
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+
+from odmr_bridge import keys
+from odmr_bridge.redis_topology import AsyncClient, confirm_replicated
+from odmr_bridge.spool import (
+    DEFERRED,
+    HOLD,
+    QUEUES,
+    SCRATCH_IN_MEMORY,
+    Content,
+    CorruptQueueFile,
+    Envelope,
+    Readable,
+    UnknownQueueId,
+)
+from odmr_bridge.store import Scanned
+
+__all__ = ["PIECE", "NotReplicated", "RedisStore"]
+
+# Content goes to Redis and comes back in pieces of this size (one command each).
+PIECE = 256 * 1024
+# An unfinished write's pieces expire after this long.
+INCOMING_TTL_MS = 3_600_000
+# An opened message's content beyond its first piece stays in memory up to
+# this size, then goes to an unnamed local file (the sync reader reads that).
+READ_IN_MEMORY = 1024 * 1024
+# First read of a message's head: enough for the envelope of most messages.
+HEAD_GUESS = 8192
+
+_INDEXED = (DEFERRED, HOLD)
+_KEY = re.compile(rf"^{keys.PREFIX}:\{{(.+)\}}:q:({'|'.join(QUEUES)}):([^:]+)$")
+
+
+class NotReplicated(OSError):
+    """Fewer replicas than configured confirmed a write in time; what was
+    written is removed again (intake answers 451 4.3.0: Postfix retries)."""
+
+
+def _script(client: AsyncClient, name: str) -> AsyncScript:
+    return client.register_script(
+        resources.files("odmr_bridge").joinpath("lua", name).read_text())
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and str(exc).startswith("OOM"))
+
+
+def _recipients_json(envelope: Envelope) -> str:
+    """The recipients as the index keeps them (index.py)."""
+    return json.dumps([[r.address, r.state] for r in envelope.recipients])
+
+
+def _content_pieces(content: Content) -> Iterator[bytes]:
+    """The content in pieces of ``PIECE`` bytes (the last one shorter; one empty
+    piece for no content)."""
+    first = True
+    data = io.BytesIO(content.data) if isinstance(content.data, bytes) else content.data
+    data.seek(0)
+    piece = content.prefix
+    while True:
+        while len(piece) < PIECE and (more := data.read(PIECE - len(piece))):
+            piece += more
+        if piece or first:
+            yield piece
+        if len(piece) < PIECE:
+            return
+        piece, first = b"", False
+
+
+def _head(raw: bytes, name: str) -> tuple[float, int, int]:
+    """(stored, pieces, where the first piece starts) from a message's value;
+    the envelope is ``raw[end of the header line:that start]``."""
+    eol = raw.find(b"\n", 0, 200)
+    try:
+        stored, count, length = raw[:eol].split(b" ") if eol > 0 else (b"", b"", b"")
+        return float(stored), int(count), eol + 1 + int(length)
+    except ValueError:
+        raise CorruptQueueFile(f"{name}: bad header") from None
+
+
+def _envelope(raw: bytes, start: int, domain: str, qid: str) -> Envelope:
+    try:
+        envelope = Envelope.from_json(raw[raw.index(b"\n") + 1:start])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptQueueFile(f"{qid}: bad envelope: {exc}") from None
+    if envelope.qid != qid or envelope.domain != domain:
+        raise CorruptQueueFile(f"{qid}: envelope names {envelope.qid} of {envelope.domain}")
+    return envelope
+
+
+class _Body:
+    """A stored message's content for the synchronous reader: the first piece
+    from memory, the rest from a (spooled) local file filled at open."""
+
+    def __init__(self, first: memoryview, rest: IO[bytes] | None) -> None:
+        self.first, self.at, self.rest = first, 0, rest
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self.at < len(self.first):
+            end = len(self.first) if n < 0 else min(len(self.first), self.at + n)
+            data = bytes(self.first[self.at:end])
+            self.at = end
+            if n < 0 and self.rest is not None:
+                data += self.rest.read()
+            return data
+        return self.rest.read(n) if self.rest is not None else b""
+
+
+class RedisStore:
+    """The :class:`~odmr_bridge.store.Store` in Redis (see the module's text)."""
+
+    def __init__(self, client: AsyncClient, wait_replicas: int, wait_timeout_ms: int,
+                 scratch_dir: str | None = None) -> None:
+        self.redis = client
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.scratch_dir = scratch_dir
+        self.incoming_ttl_ms = INCOMING_TTL_MS
+        self._append = _script(client, "store_append.lua")
+        self._write = _script(client, "store_write.lua")
+        self._rewrite = _script(client, "store_rewrite.lua")
+        self._move = _script(client, "store_move.lua")
+        self._remove = _script(client, "store_remove.lua")
+
+    async def prepare(self) -> None:
+        """Load the scripts up front (as Index.prepare does)."""
+        for script in (self._append, self._write, self._rewrite, self._move, self._remove):
+            await self.redis.script_load(script.script)
+
+    def scratch(self) -> IO[bytes]:
+        return tempfile.SpooledTemporaryFile(max_size=SCRATCH_IN_MEMORY, dir=self.scratch_dir)
+
+    # -- writing -----------------------------------------------------------------
+
+    async def write(self, copies: Sequence[tuple[Envelope, Content]]) -> None:
+        started: list[Envelope] = []
+        try:
+            for envelope, content in copies:
+                started.append(envelope)
+                await self._store(envelope, DEFERRED, _aiter(_content_pieces(content)))
+            if self.wait_replicas > 0:
+                confirmed = await asyncio.gather(*(
+                    confirm_replicated(self.redis, keys.stored(e.domain, DEFERRED, e.qid),
+                                       self.wait_replicas, self.wait_timeout_ms / 1000)
+                    for e in started))
+                if not all(confirmed):
+                    raise NotReplicated(
+                        f"fewer than {self.wait_replicas} replica(s) confirmed the write "
+                        f"within {self.wait_timeout_ms} ms")
+        except BaseException as exc:
+            for envelope in started:  # best effort: unacknowledged, so Postfix retries
+                with contextlib.suppress(RedisError, OSError):
+                    await self.remove(envelope.domain, envelope.qid)
+            if _is_oom(exc):
+                raise OSError(errno.ENOSPC, f"Redis is full: {exc}") from exc
+            raise
+
+    async def _store(self, envelope: Envelope, queue: str, content: AsyncIterator[bytes]) -> None:
+        """Stream *content* into an expiring incoming list, then store the message
+        (and index it, in deferred or hold) with one script."""
+        d, qid = envelope.domain, envelope.qid
+        incoming = keys.incoming(d, qid)
+        first, count, size = b"", 0, 0
+        try:
+            async for piece in content:
+                if count == 0:
+                    first = piece
+                else:
+                    await self._append(keys=[incoming], args=[piece, self.incoming_ttl_ms])
+                count += 1
+                size += len(piece)
+            if size != envelope.size:
+                raise ValueError(f"{qid}: content is {size} bytes, the envelope says "
+                                 f"{envelope.size}")
+            raw = envelope.to_json()
+            value = f"{time.time()!r} {max(1, count)} {len(raw)}\n".encode() + raw + first
+            indexed = queue in _INDEXED
+            if indexed:
+                # The one global key, in its own command, first (as Index.add does).
+                await self.redis.sadd(keys.DOMAINS, d)
+            await self._write(
+                keys=[keys.stored(d, queue, qid), incoming, keys.pieces(d, qid),
+                      keys.hold(d) if queue == HOLD else keys.deferred(d),
+                      keys.message(d, qid), keys.stats(d)],
+                args=[value, max(1, count), queue if indexed else "", qid,
+                      repr(envelope.arrival), envelope.size, envelope.sender,
+                      _recipients_json(envelope)])
+        except BaseException:
+            if count > 1:
+                with contextlib.suppress(RedisError, OSError):
+                    await self.redis.delete(incoming)
+            raise
+
+    async def copy(self, envelope: Envelope, body_of: str, source: str, target: str) -> None:
+        if envelope.qid == body_of and source == target:
+            await self.rewrite(envelope, target)
+            return
+        await self._store(envelope, target, self._pieces_of(envelope.domain, body_of, source))
+
+    async def _pieces_of(self, domain: str, qid: str, queue: str) -> AsyncIterator[bytes]:
+        raw: Any = await self.redis.get(keys.stored(domain, queue, qid))  # bytes: no decoding
+        if raw is None:
+            raise UnknownQueueId(qid)
+        _, count, start = _head(raw, qid)
+        yield raw[start:]
+        for i in range(count - 1):
+            yield await self._piece(domain, qid, queue, i, count)
+
+    async def _piece(self, domain: str, qid: str, queue: str, i: int, count: int) -> bytes:
+        got: Any = await self.redis.lrange(keys.pieces(domain, qid), i, i)
+        if got:
+            piece: bytes = got[0]
+            return piece
+        if await self.redis.exists(keys.stored(domain, queue, qid)):
+            raise CorruptQueueFile(f"{qid}: piece {i + 2} of {count} is missing")
+        raise UnknownQueueId(qid)
+
+    async def rewrite(self, envelope: Envelope, queue: str = DEFERRED) -> None:
+        d, qid = envelope.domain, envelope.qid
+        done = await self._rewrite(keys=[keys.stored(d, queue, qid), keys.message(d, qid)],
+                                   args=[envelope.to_json(), _recipients_json(envelope),
+                                         "1" if envelope.warned else ""])
+        if not done:
+            raise UnknownQueueId(qid)
+
+    async def move(self, domain: str, qid: str, source: str, target: str) -> None:
+        queues = {source: keys.hold(domain) if source == HOLD else keys.deferred(domain),
+                  target: keys.hold(domain) if target == HOLD else keys.deferred(domain)}
+        moved = await self._move(
+            keys=[keys.stored(domain, source, qid), keys.stored(domain, target, qid),
+                  queues[source], queues[target], keys.message(domain, qid)],
+            args=[qid, "hold" if target == HOLD else "",
+                  "1" if source in _INDEXED and target in _INDEXED else ""])
+        if not moved:
+            raise UnknownQueueId(qid)
+
+    async def remove(self, domain: str, qid: str, queue: str = DEFERRED, *,
+                     sync: bool = True) -> None:
+        # Redis applies writes in order: nothing to batch, nothing to sync.
+        await self._drop(domain, qid, queue, "")
+
+    async def sync(self) -> None:
+        return None
+
+    async def quarantine(self, domain: str, qid: str, queue: str = DEFERRED) -> None:
+        await self._drop(domain, qid, queue, "quarantine")
+
+    async def _drop(self, domain: str, qid: str, queue: str, how: str) -> None:
+        await self._remove(
+            keys=[keys.stored(domain, queue, qid), keys.pieces(domain, qid),
+                  keys.deferred(domain), keys.hold(domain), keys.message(domain, qid),
+                  keys.stats(domain), keys.corrupt(domain, qid)],
+            args=[qid, how, "1" if queue in _INDEXED else ""])
+
+    # -- reading -----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def open(self, domain: str, qid: str,
+                   queue: str = DEFERRED) -> AsyncIterator[tuple[Readable, Envelope]]:
+        raw: Any = await self.redis.get(keys.stored(domain, queue, qid))
+        if raw is None:
+            raise UnknownQueueId(qid)
+        _, count, start = _head(raw, qid)
+        envelope = _envelope(raw, start, domain, qid)
+        first = memoryview(raw)[start:]
+        rest: IO[bytes] | None = None
+        try:
+            if count > 1:
+                rest = await self._fetch(domain, qid, queue, count)
+            size = len(first) + (rest.seek(0, 2) if rest is not None else 0)
+            if size != envelope.size:
+                raise CorruptQueueFile(f"{qid}: content is {size} bytes, the envelope says "
+                                       f"{envelope.size}")
+            if rest is not None:
+                rest.seek(0)
+            yield _Body(first, rest), envelope
+        finally:
+            if rest is not None:
+                rest.close()
+
+    async def _fetch(self, domain: str, qid: str, queue: str, count: int) -> IO[bytes]:
+        """Pieces 2.. of a message, one command each, into a spooled local file:
+        the reader is synchronous, and this way never holds more than
+        ``READ_IN_MEMORY`` + one piece of a message in memory."""
+        rest = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (the caller closes it)
+            max_size=READ_IN_MEMORY, dir=self.scratch_dir)
+        try:
+            for i in range(count - 1):
+                rest.write(await self._piece(domain, qid, queue, i, count))
+            if await self.redis.llen(keys.pieces(domain, qid)) != count - 1:
+                raise CorruptQueueFile(f"{qid}: more pieces than the {count} in its header")
+        except BaseException:
+            rest.close()
+            raise
+        return rest
+
+    async def _read_head(self, domain: str, qid: str, queue: str) -> tuple[float, Envelope]:
+        name = keys.stored(domain, queue, qid)
+        raw: Any = await self.redis.getrange(name, 0, HEAD_GUESS - 1)
+        if not raw:
+            raise UnknownQueueId(qid)
+        stored, _, start = _head(raw, qid)
+        if start > len(raw):
+            raw = await self.redis.getrange(name, 0, start - 1)
+            if len(raw) < start:
+                raise UnknownQueueId(qid)  # replaced meanwhile: gone from here
+        return stored, _envelope(raw, start, domain, qid)
+
+    async def read_envelope(self, domain: str, qid: str, queue: str = DEFERRED) -> Envelope:
+        return (await self._read_head(domain, qid, queue))[1]
+
+    async def exists(self, domain: str, qid: str, queue: str) -> bool:
+        return bool(await self.redis.exists(keys.stored(domain, queue, qid)))
+
+    async def locate(self, qid: str) -> tuple[str, Envelope]:
+        # Operator commands only: a SCAN of the whole keyspace (every master).
+        async for name in self._names(keys.stored_pattern("*", qid)):
+            domain, queue, _ = name
+            with contextlib.suppress(UnknownQueueId):
+                return queue, await self.read_envelope(domain, qid, queue)
+        raise UnknownQueueId(qid)
+
+    async def scan(self, queue: str) -> AsyncIterator[Scanned]:
+        seen: set[tuple[str, str]] = set()
+        async for domain, _, qid in self._names(keys.stored_pattern(queue)):
+            if (domain, qid) in seen:  # SCAN may name a key twice
+                continue
+            seen.add((domain, qid))
+            try:
+                stored, envelope = await self._read_head(domain, qid, queue)
+            except UnknownQueueId:
+                continue
+            except CorruptQueueFile as exc:
+                yield Scanned(qid, domain, None, 0.0, str(exc))
+                continue
+            yield Scanned(qid, domain, envelope, stored)
+
+    async def _names(self, pattern: str) -> AsyncIterator[tuple[str, str, str]]:
+        """(domain, queue, qid) of each stored message whose key matches *pattern*."""
+        name: Any
+        async for name in self.redis.scan_iter(match=pattern, count=1000):
+            found = _KEY.match(name.decode() if isinstance(name, bytes) else name)
+            if found:
+                yield found.group(1), found.group(2), found.group(3)
+
+
+async def _aiter(pieces: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        yield piece
