@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import IO
 
 from odmr_bridge.dsn import notify_wants
+from odmr_bridge.group_commit import GroupCommit
 from odmr_bridge.index import Index, IndexedMessage
 from odmr_bridge.leases import LeaseKeeper
 from odmr_bridge.spool import (
@@ -104,6 +105,8 @@ class HoldQueue:
         self.store: Store = FilesStore(store) if isinstance(store, Spool) else store
         self.index = index
         self._unsynced: list[tuple[str, str]] = []
+        # Intakes that finish together are made durable together (one batch).
+        self._group_commit = GroupCommit[list[tuple[Envelope, Content]]](self._commit_together)
 
     async def prepare(self) -> None:
         """Ready the index (its scripts loaded) before the first state change."""
@@ -137,16 +140,20 @@ class HoldQueue:
             copies.append((Envelope(qid=qid, domain=domain, sender=sender, arrival=now,
                                     size=content.size, recipients=rcpts,
                                     mail_options=list(mail_options)), content))
+        await self._group_commit(copies)
+        return {envelope.domain: envelope for envelope, _ in copies}
+
+    async def _commit_together(self, batches: list[list[tuple[Envelope, Content]]]) -> None:
+        """Make the copies of several intakes durable and indexed, all or none."""
+        copies = [copy for batch in batches for copy in batch]
         envelopes = [envelope for envelope, _ in copies]
         await self.store.write(copies)
         try:
-            for envelope in envelopes:
-                await self.index.add(envelope)
+            await asyncio.gather(*(self.index.add(envelope) for envelope in envelopes))
         except BaseException:
-            for envelope in envelopes:  # unacknowledged: the caller answers 4xx
+            for envelope in envelopes:  # unacknowledged: the callers answer 4xx
                 await self.store.remove(envelope.domain, envelope.qid)
             raise
-        return {e.domain: e for e in envelopes}
 
     # -- delivery -------------------------------------------------------------
 
