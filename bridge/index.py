@@ -7,21 +7,25 @@ command, so a crash never leaves a half-indexed message.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import secrets
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import WatchError
+from redis.exceptions import NoScriptError, WatchError
 
 from odmr_bridge import keys
+from odmr_bridge.redis_topology import AsyncClient
 from odmr_bridge.spool import Envelope
 
 # Attempts of a stats recount before giving up to busy intake.
 RECOUNT_TRIES = 5
+# Scripts run at once on a cluster (each takes a connection to its node).
+CLUSTER_BATCH = 32
 
 
 def load_script(name: str) -> str:
@@ -48,7 +52,7 @@ def _recipients_json(envelope: Envelope) -> str:
 
 
 class Index:
-    def __init__(self, client: aioredis.Redis, owner: str = "") -> None:
+    def __init__(self, client: AsyncClient, owner: str = "") -> None:
         self.redis = client
         # The node whose lease tokens these are ('' for an operator command).
         self.owner = owner
@@ -69,11 +73,15 @@ class Index:
 
     async def add(self, envelope: Envelope, *, held: bool = False) -> bool:
         d = envelope.domain
+        # The one global key, in its own command (a script may touch one slot
+        # only): first, so a domain with mail is always listed; a listed domain
+        # without mail is harmless.
+        await self.redis.sadd(keys.DOMAINS, d)
         added = await self._add(
             keys=[keys.hold(d) if held else keys.deferred(d), keys.message(d, envelope.qid),
-                  keys.stats(d), keys.DOMAINS],
+                  keys.stats(d)],
             args=[envelope.qid, repr(envelope.arrival), envelope.size, envelope.sender,
-                  _recipients_json(envelope), d, "hold" if held else ""],
+                  _recipients_json(envelope), "hold" if held else ""],
         )
         return bool(added)
 
@@ -104,10 +112,34 @@ class Index:
 
     async def remove_many(self, messages: list[tuple[str, str]]) -> None:
         """Drop several (domain, qid) entries in one round trip, each atomically."""
-        pipe = self.redis.pipeline(transaction=False)
-        for domain, qid in messages:
-            await self._remove(keys=self._removal_keys(domain, qid), args=[qid], client=pipe)
-        await pipe.execute()
+        await self._each(self._remove, [(self._removal_keys(domain, qid), [qid])
+                                        for domain, qid in messages])
+
+    async def _each(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]
+                    ) -> list[Any]:
+        """*script* once per (keys, args), each in its own slot: pipelined on a
+        single Redis, concurrent calls (a batch at a time) on a cluster, whose
+        pipelines refuse scripts.  A node that does not know the script (a
+        replica promoted since :meth:`prepare`) gets it loaded and the calls
+        are made again: each script here is idempotent."""
+        if isinstance(self.redis, RedisCluster):
+            results: list[Any] = []
+            for start in range(0, len(calls), CLUSTER_BATCH):
+                results += await asyncio.gather(*(
+                    script(keys=names, args=args)
+                    for names, args in calls[start:start + CLUSTER_BATCH]))
+            return results
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for names, args in calls:
+                pipe.evalsha(script.sha, len(names), *names, *args)
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self.redis.script_load(script.script)
+        raise AssertionError("unreachable")
 
     # -- reading -----------------------------------------------------------
 
@@ -196,10 +228,9 @@ class Index:
         held (its sessions are gone); one script per domain (one slot each)."""
         if not self.owner:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for domain in domains:
-            await self._free(keys=[keys.lease(domain)], args=[f"{self.owner}#"], client=pipe)
-        return [d for d, freed in zip(domains, await pipe.execute(), strict=True) if freed]
+        results = await self._each(self._free, [([keys.lease(domain)], [f"{self.owner}#"])
+                                                for domain in domains])
+        return [d for d, freed in zip(domains, results, strict=True) if freed]
 
     # -- maintenance ---------------------------------------------------------
 

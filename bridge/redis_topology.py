@@ -25,7 +25,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.cluster import ClusterNode as SyncClusterNode
 from redis.cluster import RedisCluster as SyncRedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.sentinel import Sentinel as SyncSentinel
 
 from odmr_bridge.config import RedisSettings, Settings, parse_host_ports
@@ -118,7 +118,7 @@ async def connect(settings: Settings) -> AsyncClient:
     client = async_client(settings)
     try:
         await client.ping()
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         await client.aclose()
         reason = str(exc).strip() or type(exc).__name__
         raise RedisUnreachable(f"cannot reach {describe(settings)}: {reason}") from None
@@ -173,6 +173,6 @@ async def confirm_replicated(client: AsyncClient, key: str, replicas: int = 1,
             pipe.set(marker, token, px=60_000)
             pipe.execute_command("WAIT", replicas, wait_ms)
             _, acknowledged = await pipe.execute()
-    except (RedisError, OSError):
+    except (RedisError, RedisClusterException, OSError):
         return False
     return int(acknowledged) >= replicas

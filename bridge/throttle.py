@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from odmr_bridge import keys
 from odmr_bridge.index import load_script
+from odmr_bridge.redis_topology import AsyncClient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ThrottlePolicy:
 
 
 class AuthThrottle:
-    def __init__(self, client: aioredis.Redis, policy: ThrottlePolicy) -> None:
+    def __init__(self, client: AsyncClient, policy: ThrottlePolicy) -> None:
         self.redis = client
         self.policy = policy
         self._count: AsyncScript = client.register_script(load_script("count_failure.lua"))
@@ -37,7 +37,11 @@ class AuthThrottle:
         names = [keys.auth_failures_by_address(address)]
         if user is not None:
             names.append(keys.auth_failures_by_user(user))
-        counts = await self.redis.mget(names)
+        # One GET per counter: they live in different slots (no MGET in a cluster).
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.get(name)
+        counts = await pipe.execute()
         return any(c is not None and int(c) >= self.policy.max_failures for c in counts)
 
     async def failed(self, address: str, user: str | None) -> None:
