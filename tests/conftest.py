@@ -16,7 +16,7 @@ from odmr_bridge.accounts import AccountsFile
 from odmr_bridge.index import Index
 from odmr_bridge.queue import HoldQueue
 from odmr_bridge.spool import Spool
-from tests.peers import Bridge, RedisServer
+from tests.peers import Bridge, RedisCluster, RedisSentinelSet, RedisServer
 
 CUSTOMER = ("cust", "s3cret-Pa55")
 
@@ -33,6 +33,44 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def redis_url(redis_server: RedisServer) -> str:
     redis_server.client().flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A Redis Cluster (3 masters, 3 replicas) for the session; not for killing
+    masters in (use a cluster of the test's own for that)."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_nodes(redis_cluster: RedisCluster) -> str:
+    """The session's cluster, emptied: its seed list (redis.cluster_nodes)."""
+    redis_cluster.flush()
+    return redis_cluster.nodes
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinelSet]:
+    """A master, its replica and three sentinels for the session; not for
+    failovers (use a set of the test's own for that)."""
+    sentinels = RedisSentinelSet(tmp_path_factory.mktemp("redis-sentinel"))
+    try:
+        sentinels.start()
+        yield sentinels
+    finally:
+        sentinels.stop()
+
+
+@pytest.fixture
+def sentinels(redis_sentinel_set: RedisSentinelSet) -> RedisSentinelSet:
+    """The session's sentinel set, its master emptied."""
+    redis_sentinel_set.client().flushall()
+    return redis_sentinel_set
 
 
 @pytest.fixture

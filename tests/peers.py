@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import redis
 from aiosmtpd.controller import Controller
@@ -108,6 +109,223 @@ class RedisServer:
     def restart_empty(self) -> None:
         self.stop()
         self.start()
+
+
+def _redis_process(directory: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "redis.log", "ab") as log:
+        return subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(directory),
+             # A replica's first sync starts at once (Redis 7 waits 5 s for more).
+             "--repl-diskless-sync-delay", "0", *options],
+            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _replicas_online(port: int) -> int:
+    """How many replicas of the server on *port* have finished their first sync."""
+    info = redis.Redis(port=port, socket_timeout=1).info("replication")
+    return sum(1 for key, value in info.items()
+               if key.startswith("slave") and isinstance(value, dict)
+               and value.get("state") == "online")
+
+
+def _kill(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.kill()
+    if process is not None:
+        process.wait(10)
+
+
+class RedisCluster:
+    """A Redis Cluster on loopback: 3 masters and 3 replicas (``redis-cli --cluster
+    create``), with a short node timeout so a failover takes a few seconds."""
+
+    NODE_TIMEOUT_MS = 1000
+
+    def __init__(self, directory: Path, nodes: int = 6) -> None:
+        self.directory = directory
+        self.ports = [free_port() for _ in range(nodes)]
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def nodes(self) -> str:
+        """The seed list, as redis.cluster_nodes wants it."""
+        return ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def start(self) -> None:
+        for port in self.ports:
+            self.processes[port] = _redis_process(
+                self.directory / str(port), port, "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf", "--cluster-port", str(free_port()),
+                "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS))
+        for port in self.ports:
+            wait_for(lambda port=port: _answers(port), what=f"redis-server :{port}")
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "1", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        wait_for(self._ok, timeout=30, what="cluster_state:ok on every node")
+        wait_for(self._replicated, timeout=30, what="each master's replica in sync")
+
+    def _alive_ports(self) -> list[int]:
+        return [p for p, proc in self.processes.items() if proc.poll() is None]
+
+    def _ok(self) -> bool:
+        for port in self._alive_ports():
+            try:
+                info = redis.Redis(port=port, socket_timeout=1).cluster("info")
+            except redis.RedisError:
+                return False
+            if info.get("cluster_state") != "ok":
+                return False
+        return True
+
+    def _replicated(self) -> bool:
+        try:
+            return all(_replicas_online(port) >= 1 for port in self._alive_ports()
+                       if redis.Redis(port=port).info("replication")["role"] == "master")
+        except redis.RedisError:
+            return False
+
+    def master_port_for(self, key: str) -> int:
+        """The port of the master serving *key*'s slot, as the live nodes see it."""
+        asker = redis.Redis(port=self._alive_ports()[0], socket_timeout=1)
+        slot = int(asker.cluster("keyslot", key))
+        for shard in asker.cluster("slots"):
+            start, end, master = shard[0], shard[1], shard[2]
+            if start <= slot <= end:
+                return int(master[1])
+        raise LookupError(f"no node serves slot {slot}")
+
+    def kill_master_for(self, key: str) -> int:
+        """kill -9 the master serving *key*; returns once its replica took over
+        (and every live node says cluster_state:ok). Returns the dead port."""
+        port = self.master_port_for(key)
+        _kill(self.processes[port])
+
+        def promoted() -> bool:
+            try:
+                return self.master_port_for(key) != port and self._ok()
+            except (redis.RedisError, LookupError):
+                return False
+
+        wait_for(promoted, timeout=30, interval=0.1, what=f"failover of {key!r}'s slot")
+        return port
+
+    def client(self) -> redis.RedisCluster:
+        return redis.RedisCluster(host="127.0.0.1", port=self._alive_ports()[0])
+
+    def flush(self) -> None:
+        for port in self._alive_ports():
+            with contextlib.suppress(redis.ReadOnlyError, redis.ResponseError):
+                redis.Redis(port=port).flushall()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            _kill(process)
+        self.processes.clear()
+
+
+class RedisSentinelSet:
+    """One master, one replica and three sentinels on loopback; a master that
+    stops answering is declared down after a second and its replica promoted."""
+
+    MASTER_NAME = "bridge"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.master_port, self.replica_port = free_port(), free_port()
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def sentinels(self) -> str:
+        """As redis.sentinels wants it."""
+        return ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+
+    def start(self) -> None:
+        self.processes[self.master_port] = _redis_process(
+            self.directory / "master", self.master_port)
+        self.processes[self.replica_port] = _redis_process(
+            self.directory / "replica", self.replica_port,
+            "--replicaof", "127.0.0.1", str(self.master_port))
+        for port in self.sentinel_ports:
+            directory = self.directory / f"sentinel-{port}"
+            directory.mkdir(parents=True, exist_ok=True)
+            conf = directory / "sentinel.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master_port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER_NAME} 1000\n"
+                f"sentinel failover-timeout {self.MASTER_NAME} 5000\n")
+            with open(directory / "sentinel.log", "ab") as log:
+                self.processes[port] = subprocess.Popen(
+                    ["redis-server", str(conf), "--sentinel"], stdout=log,
+                    stderr=subprocess.STDOUT)
+        wait_for(self._ready, timeout=30, interval=0.1,
+                 what="sentinels that know the replica and each other")
+
+    def _sentinel(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+
+    def _ready(self) -> bool:
+        try:
+            if _replicas_online(self.master_port) < 1:
+                return False
+            for port in self.sentinel_ports:
+                s = self._sentinel(port)
+                replicas: list[Any] = s.sentinel_slaves(self.MASTER_NAME)
+                others: list[Any] = s.sentinel_sentinels(self.MASTER_NAME)  # type: ignore[assignment]
+                if not replicas or len(others) < 2:
+                    return False
+        except redis.RedisError:
+            return False
+        return True
+
+    def master(self, sentinel: int = 0) -> int:
+        """The master's port, as a sentinel (the first) says."""
+        address: tuple[str, int] = self._sentinel(  # type: ignore[assignment]
+            self.sentinel_ports[sentinel]).sentinel_get_master_addr_by_name(self.MASTER_NAME)
+        return int(address[1])
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.master())
+
+    def kill_master(self) -> int:
+        """kill -9 the master; returns once the sentinels promoted the replica
+        (it says role:master, and every sentinel names it, not flagged down).
+        Returns the new master's port."""
+        old = self.master()
+        _kill(self.processes[old])
+
+        def promoted() -> bool:
+            try:
+                new = {self.master(i) for i in range(len(self.sentinel_ports))}
+                if new == {old} or len(new) != 1:
+                    return False
+                port = new.pop()
+                flags = [str(self._sentinel(p).sentinel_master(self.MASTER_NAME)["flags"])
+                         for p in self.sentinel_ports]
+                return not any("down" in f for f in flags) and redis.Redis(
+                    port=port, socket_timeout=1).info("replication")["role"] == "master"
+            except redis.RedisError:
+                return False
+
+        wait_for(promoted, timeout=30, interval=0.1, what="the sentinels' failover")
+        return self.master()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            _kill(process)
+        self.processes.clear()
 
 
 class Bridge:
