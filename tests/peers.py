@@ -312,8 +312,9 @@ class RedisSentinelSet:
                 if new == {old} or len(new) != 1:
                     return False
                 port = new.pop()
-                flags = [str(self._sentinel(p).sentinel_master(self.MASTER_NAME)["flags"])
-                         for p in self.sentinel_ports]
+                views: list[Any] = [self._sentinel(p).sentinel_master(self.MASTER_NAME)
+                                    for p in self.sentinel_ports]
+                flags = [str(view["flags"]) for view in views]
                 return not any("down" in f for f in flags) and redis.Redis(
                     port=port, socket_timeout=1).info("replication")["role"] == "master"
             except redis.RedisError:
