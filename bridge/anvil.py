@@ -107,7 +107,10 @@ class AdmissionGate(asyncio.Protocol):
     """A new port-366 connection, held (reading paused) until the anvil admits it.
 
     *make* builds the real protocol; it is given the function to call when
-    that protocol's connection ends (which frees the client's slot).
+    that protocol's connection ends (which frees the client's slot).  Bytes
+    that arrive before the verdict (some Python 3.11 releases read a new
+    connection even when it is paused at once) are handed to that protocol;
+    a client that has closed by then has left, and is not served.
     """
 
     # One line a minute for each kind of trouble, however many connections see it.
@@ -118,11 +121,22 @@ class AdmissionGate(asyncio.Protocol):
                  make: Callable[[Callable[[], None]], asyncio.Protocol]) -> None:
         self.anvil = anvil
         self.make = make
+        self._early: list[bytes] = []
+        self._eof = False
+        self._tls = False  # (set at connection_made)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self._tls = transport.get_extra_info("sslcontext") is not None
         transport.pause_reading()
         _in_background(self._decide(transport))
+
+    def data_received(self, data: bytes) -> None:
+        self._early.append(data)
+
+    def eof_received(self) -> bool:
+        self._eof = True  # the client left before the verdict; _decide closes
+        return not self._tls  # (TLS transports close by themselves)
 
     async def _decide(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
@@ -146,8 +160,9 @@ class AdmissionGate(asyncio.Protocol):
             if connection:
                 _in_background(self.anvil.release(address, connection))
 
-        if transport.is_closing():  # the client left while we asked
+        if transport.is_closing() or self._eof:  # the client left while we asked
             release()
+            transport.close()
             return
         if verdict != ADMITTED:
             limit = "count" if verdict == TOO_MANY_CONNECTIONS else "rate"
@@ -159,6 +174,9 @@ class AdmissionGate(asyncio.Protocol):
         protocol = self.make(release)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
+        if isinstance(protocol, asyncio.Protocol):
+            for data in self._early:
+                protocol.data_received(data)
         transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
