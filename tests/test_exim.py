@@ -67,7 +67,10 @@ def test_exim_delivers_atrn_mail_to_the_bridge_once_per_recipient(exim_config: P
             for name in ("mainlog", "paniclog", "rejectlog")
             if (exim_config.parent / name).exists()}
     held = {m["domain"]: sorted(r["address"] for r in m["recipients"]) for m in bridge.held()}
+    for name, text in logs.items():  # shown when the test fails
+        print(f"--- exim {name}\n{text}")
+    print(f"--- bridge\n{bridge.log_text()[-3000:]}")
     assert held == {"atrn.example": ["a@atrn.example", "b@atrn.example"],
-                    "second.example": ["c@second.example"]}, (logs, bridge.log_text()[-3000:])
+                    "second.example": ["c@second.example"]}
     log = logs["mainlog"]
     assert log.count("=> ") + log.count("-> ") == 3 and "Completed" in log
