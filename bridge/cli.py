@@ -25,9 +25,9 @@ from odmr_bridge import (
 from odmr_bridge.accounts import AccountsError, AccountsFile, DomainLimits, normalize_domain
 from odmr_bridge.daemon import Daemon
 from odmr_bridge.embedded_redis import EmbeddedRedisError
-from odmr_bridge.index import Index, IndexedMessage
+from odmr_bridge.index import IndexedMessage
 from odmr_bridge.logs import setup as setup_logging
-from odmr_bridge.queue import HoldQueue
+from odmr_bridge.queue_setup import StoreClaimed, open_queue
 from odmr_bridge.spool import Spool
 from odmr_bridge.systemd import ActivationError
 from odmr_bridge.transport_map import TransportMap, map_path, reload_postfix
@@ -154,7 +154,7 @@ def _format_postqueue(messages: list[IndexedMessage]) -> str:
 async def _queue_list(settings: config.Settings, domain: str | None, as_json: bool) -> int:
     client = await redis_topology.connect(settings)
     try:
-        queue = HoldQueue(Spool(settings.spool.dir), Index(client))
+        queue = await open_queue(settings, client, Spool(settings.spool.dir))
         messages = await queue.messages(domain.lower() if domain else None)
         # Notices to senders waiting for the host MTA, like Postfix's MAILER-DAEMON entries.
         messages += [n for n in await queue.notices()
@@ -177,7 +177,7 @@ async def _queue_list(settings: config.Settings, domain: str | None, as_json: bo
 
 async def _queue_tool(settings: config.Settings, args: argparse.Namespace) -> int:
     client = await redis_topology.connect(settings)
-    queue = HoldQueue(Spool(settings.spool.dir), Index(client))
+    queue = await open_queue(settings, client, Spool(settings.spool.dir))
     try:
         if args.action == "show":
             sys.stdout.buffer.write(await queue_tools.show(queue, args.qid))
@@ -215,8 +215,8 @@ REINDEX_WAIT = 10.0
 async def _reindex(settings: config.Settings) -> int:
     client = await redis_topology.connect(settings)
     try:
-        report = await HoldQueue(Spool(settings.spool.dir), Index(client)).reindex(
-            wait=REINDEX_WAIT)
+        queue = await open_queue(settings, client, Spool(settings.spool.dir))
+        report = await queue.reindex(wait=REINDEX_WAIT)
     finally:
         await client.aclose()
     print(f"reindexed {report.messages} message(s) in {report.domains} domain(s); "
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             result = asyncio.run(result)  # type: ignore[arg-type]
         return result
     except (CliError, AccountsError, EmbeddedRedisError, ActivationError,
-            queue_tools.QueueToolError) as exc:
+            queue_tools.QueueToolError, StoreClaimed) as exc:
         print(f"odmr-bridge: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except redis_topology.RedisUnreachable as exc:

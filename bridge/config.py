@@ -49,6 +49,15 @@ class SpoolSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class StoreSettings:
+    # "files": messages on this node's spool, Redis the index (one node).
+    # "redis": messages in Redis beside their index (any number of nodes).
+    kind: str = "files"
+    # How long a write waits for redis.wait_replicas replicas to confirm it.
+    wait_timeout: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class LmtpSettings:
     # "host:port" or an absolute unix socket path.
     listen: str = "127.0.0.1:10025"
@@ -161,6 +170,7 @@ class LogSettings:
 class Settings:
     redis: RedisSettings = RedisSettings()
     spool: SpoolSettings = SpoolSettings()
+    store: StoreSettings = StoreSettings()
     lmtp: LmtpSettings = LmtpSettings()
     odmr: OdmrSettings = OdmrSettings()
     tls: TlsSettings = TlsSettings()
@@ -281,6 +291,17 @@ def _validate(settings: Settings) -> None:
     if not 0 <= settings.queue.delay_warning < settings.queue.max_hold:
         raise ConfigError("queue.delay_warning: must be 0 (off) or less than queue.max_hold, "
                           f"got {settings.queue.delay_warning!r}")
+    if settings.store.kind not in ("files", "redis"):
+        raise ConfigError(f"store.kind: expected 'files' or 'redis', got {settings.store.kind!r}")
+    redis = settings.redis
+    if settings.store.kind == "redis" and not (redis.url or redis.cluster_nodes
+                                               or redis.sentinels):
+        raise ConfigError("store.kind = 'redis' keeps the mail in Redis: it needs a Redis "
+                          "that keeps its data ([redis] url, cluster_nodes or sentinels), "
+                          "not the embedded private one")
+    if settings.store.wait_timeout <= 0:
+        raise ConfigError(f"store.wait_timeout: must be positive, got "
+                          f"{settings.store.wait_timeout!r}")
     if settings.milter.on_redis_error not in ("tempfail", "accept"):
         raise ConfigError("milter.on_redis_error: expected 'tempfail' or 'accept', "
                           f"got {settings.milter.on_redis_error!r}")

@@ -24,13 +24,12 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
-from odmr_bridge import metrics, redis_topology, systemd
+from odmr_bridge import metrics, queue_setup, redis_topology, systemd
 from odmr_bridge.accounts import Accounts
 from odmr_bridge.anvil import AdmissionGate, Anvil, AnvilPolicy
 from odmr_bridge.bounce import ReportSettings
 from odmr_bridge.config import Settings, SystemdSocket, parse_host_port, parse_listen
 from odmr_bridge.embedded_redis import EmbeddedRedis
-from odmr_bridge.index import Index
 from odmr_bridge.leases import NodeIdentity
 from odmr_bridge.lifecycle import Lifecycle, LifecyclePolicy
 from odmr_bridge.lmtp import IntakeHandler, IntakeServer
@@ -167,7 +166,9 @@ class Daemon:
         accounts: Reloading[Accounts] | None = None
         transport_domains: Reloading[frozenset[str]] | None = None
         try:
-            queue = HoldQueue(spool, Index(client, owner=node.name))
+            if settings.store.kind == "files":
+                await queue_setup.claim_for_files(client, spool, node)
+            queue = await queue_setup.open_queue(settings, client, spool, owner=node.name)
             await queue.prepare()
             accounts = Reloading(settings.accounts.file, Accounts.load)
             accounts.start()
@@ -179,7 +180,7 @@ class Daemon:
             if freed := await queue.free_own_leases(sorted(known)):
                 log.info("freed %d lease(s) of this node's previous run: %s", len(freed),
                          ",".join(freed))
-            report = await queue.reindex()
+            report = await queue.reindex()  # (a redis store indexes as it writes)
             log.info("index mended from spool: %d message(s) in %d domain(s), %d added, "
                      "%d stale removed, %d corrupt", report.messages, report.domains,
                      report.added, report.removed, report.corrupt)

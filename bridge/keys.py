@@ -1,12 +1,14 @@
 """Every Redis key name the bridge uses, built in one place.
 
 The hash tag ``{domain}`` keeps all keys of one domain in one cluster slot,
-so each per-domain state change can be one MULTI/EXEC or Lua script.  The one
-global key, ``bridge:domains``, is updated inside the same script as a
-message's indexing, so Redis Cluster is not supported (a single Redis, or
-Sentinel, is).
+so each per-domain state change can be one MULTI/EXEC or Lua script.  No
+command spans slots (Redis Cluster): the one global key, ``bridge:domains``,
+gets its own SADD before a message is indexed, never inside a script, and
+other keys in different slots are read one command each.
 
     bridge:domains                 SET   domains that have (or had) held mail
+    bridge:files-store             STRING the host and spool of the files store using
+                                         this Redis (a second spool is refused)
     bridge:{d}:deferred            ZSET  qid -> arrival (unix seconds): delivered on ATRN
     bridge:{d}:hold                ZSET  qid -> arrival: on hold by the operator
     bridge:{d}:msg:<qid>           HASH  sender, size, arrival, rcpts (JSON)
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 PREFIX = "bridge"
 DOMAINS = f"{PREFIX}:domains"
+# The one files store (host and spool) whose index this Redis holds.
+FILES_STORE = f"{PREFIX}:files-store"
 
 
 def _tag(domain: str) -> str:

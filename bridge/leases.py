@@ -54,6 +54,11 @@ class NodeIdentity:
             return cls(f"{socket.gethostname()}/{spool_id}/{slot}", fd)
         raise AssertionError("unreachable")
 
+    @property
+    def spool(self) -> str:
+        """``<hostname>/<spool id>``: this spool on this host, whatever the slot."""
+        return self.name.rsplit("/", 1)[0]
+
     def release(self) -> None:
         os.close(self._lock)
 
