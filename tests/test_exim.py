@@ -16,8 +16,11 @@ from tests.conftest import need
 from tests.peers import ROOT, Bridge
 
 EXIM = ROOT / ".cache" / "exim" / "root" / "usr" / "sbin" / "exim4"
-# scripts/fetch-exim unpacks the libraries this machine lacks beside the binary.
-LIBS = ":".join(str(d) for d in sorted((EXIM.parents[2]).glob("**/lib/*-linux-gnu")))
+
+
+def binary(config: Path) -> Path:
+    """The test's copy of Exim (see exim_config)."""
+    return config.parent / "exim" / "usr" / "sbin" / "exim4"
 
 
 @pytest.fixture
@@ -29,6 +32,9 @@ def exim_config(bridge: Bridge) -> Iterator[Path]:
     (work / "spool").mkdir()
     os.chmod(work, 0o777)
     os.chmod(work / "spool", 0o777)
+    # Exim re-executes itself as Debian-exim to deliver: its binary must be
+    # where that user can reach it (a checkout under /root is not).
+    shutil.copytree(EXIM.parents[2], work / "exim", symlinks=True)
     domains = work / "odmr_domains"
     domains.write_text("atrn.example\nsecond.example\n")
     snippet = (ROOT / "contrib" / "exim" / "odmr-bridge.conf").read_text()
@@ -37,7 +43,7 @@ def exim_config(bridge: Bridge) -> Iterator[Path]:
     main = (f"exim_user = Debian-exim\nexim_group = Debian-exim\n"
             f"spool_directory = {work}/spool\nlog_file_path = {work}/%slog\n"
             "primary_hostname = mx.test\nkeep_environment = LD_LIBRARY_PATH\n"
-            f"exim_path = {EXIM}\n")
+            f"exim_path = {binary(work / 'exim.conf')}\n")
     config = work / "exim.conf"
     config.write_text(main + snippet)
     yield config
@@ -45,9 +51,12 @@ def exim_config(bridge: Bridge) -> Iterator[Path]:
 
 
 def exim(config: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "LD_LIBRARY_PATH": LIBS}
-    return subprocess.run([str(EXIM), "-C", str(config), *args], input=stdin,
-                          capture_output=True, env=env, timeout=60)
+    # scripts/fetch-exim unpacks the libraries this machine lacks beside the binary.
+    root = config.parent / "exim"
+    libs = ":".join(str(d) for d in sorted(root.glob("**/lib/*-linux-gnu")))
+    return subprocess.run([str(binary(config)), "-C", str(config), *args], input=stdin,
+                          capture_output=True, env={**os.environ, "LD_LIBRARY_PATH": libs},
+                          timeout=60)
 
 
 def test_exims_parser_accepts_the_contrib_config(exim_config: Path) -> None:
