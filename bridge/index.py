@@ -58,6 +58,8 @@ class Index:
         self.owner = owner
         self._add: AsyncScript = client.register_script(load_script("index_add.lua"))
         self._remove: AsyncScript = client.register_script(load_script("index_remove.lua"))
+        # A script, not SET NX: it also works at maxmemory (see the script).
+        self._acquire: AsyncScript = client.register_script(load_script("lease_acquire.lua"))
         self._renew: AsyncScript = client.register_script(load_script("lease_renew.lua"))
         self._release: AsyncScript = client.register_script(load_script("lease_release.lua"))
         self._move: AsyncScript = client.register_script(load_script("index_move.lua"))
@@ -65,8 +67,8 @@ class Index:
 
     async def prepare(self) -> None:
         """Load the Lua scripts into Redis up front, so no state change meets NOSCRIPT."""
-        for script in (self._add, self._remove, self._renew, self._release, self._move,
-                       self._free):
+        for script in (self._add, self._remove, self._acquire, self._renew, self._release,
+                       self._move, self._free):
             await self.redis.script_load(script.script)
 
     # -- message state ---------------------------------------------------
@@ -213,8 +215,8 @@ class Index:
         return f"{self.owner}#{random}" if self.owner else random
 
     async def acquire(self, domain: str, token: str, ttl_seconds: float) -> bool:
-        return bool(await self.redis.set(keys.lease(domain), token, nx=True,
-                                         px=int(ttl_seconds * 1000)))
+        return bool(await self._acquire(keys=[keys.lease(domain)],
+                                        args=[token, int(ttl_seconds * 1000)]))
 
     async def renew(self, domain: str, token: str, ttl_seconds: float) -> bool:
         return bool(await self._renew(keys=[keys.lease(domain)],
