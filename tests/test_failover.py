@@ -43,7 +43,7 @@ DOMAIN = "atrn.example"
 BATCHES, PER_BATCH = 20, 10  # 200 messages from smtp-source
 # Postfix's log of a delivery to the bridge: the recipient and the bridge's queue ID.
 SENT = re.compile(r"to=<([^>]+)>.*status=sent \(250 .*queued as (\w+)\)")
-DEFERRED = re.compile(r"to=<([^>]+)>.*status=deferred")
+DEFERRED = re.compile(r"to=<([^>]+)>.*status=deferred \((.*)\)$", re.MULTILINE)
 OUR_QID = re.compile(rb"\(odmr-bridge\) with LMTP id (\w+)")
 
 
@@ -84,6 +84,7 @@ def intake_under_failover(pf: Postfix, fail: Callable[[], None],
     collects at *collector*: every message Postfix logged as sent to the
     bridge arrives, and so does every one smtp-source sent."""
     failed: list[float] = []
+    done_at: list[float] = []
     errors: list[BaseException] = []
 
     def fail_midway() -> None:
@@ -93,6 +94,7 @@ def intake_under_failover(pf: Postfix, fail: Callable[[], None],
             started = time.monotonic()
             fail()
             failed.append(time.monotonic() - started)
+            done_at.append(time.monotonic())
         except BaseException as exc:  # re-raised in the test's thread
             errors.append(exc)
 
@@ -114,16 +116,21 @@ def intake_under_failover(pf: Postfix, fail: Callable[[], None],
         pf.flush()
         time.sleep(1)
     assert pf.queue_size() == 0, pf.maillog()[-3000:]
+    drained = time.monotonic() - done_at[0]
 
     expected = {f"{n}b{batch}@{DOMAIN}" for batch in range(BATCHES)
                 for n in range(1, PER_BATCH + 1)}
     logged = delivered_by_postfix(pf)
     assert set(logged) == expected  # Postfix delivered everything in the end
-    deferred = {m.group(1) for m in DEFERRED.finditer(pf.maillog())}
+    deferrals = [m.groups() for m in DEFERRED.finditer(pf.maillog())]
+    deferred = {rcpt for rcpt, _ in deferrals}
     assert deferred, "no message met the failure: it did not happen during intake"
+    # The bridge said "try again" (RFC 3463 4.3.0) each time: no lost connection.
+    reasons = {re.sub(r"<[^>]+>", "<rcpt>", why) for _, why in deferrals}
+    assert all("said: 451 4.3.0 <rcpt>" in why for why in reasons), reasons
 
     mta = collect(collector)
-    got_qids = [q for raw in mta.raw_messages for q in OUR_QID.findall(raw)]
+    got_qids = [q.decode() for raw in mta.raw_messages for q in OUR_QID.findall(raw)]
     got_rcpts = [rcpts[0] for _, rcpts, _ in mta.messages]
     # 0 lost: every queue ID Postfix was given, every recipient smtp-source sent to.
     assert set(logged.values()) <= set(got_qids)
@@ -132,8 +139,10 @@ def intake_under_failover(pf: Postfix, fail: Callable[[], None],
                    for _, _, content in mta.messages}
     assert len(message_ids) == len(expected)
     duplicates = len(got_rcpts) - len(set(got_rcpts))
-    print(f"failover took {failed[0]:.1f} s; {len(deferred)} message(s) deferred by the "
-          f"bridge and retried by Postfix; {duplicates} duplicate(s) collected")
+    print(f"failover took {failed[0]:.1f} s, Postfix's queue empty {drained:.1f} s later; "
+          f"{len(deferred)} message(s) deferred by the "
+          f"bridge and retried by Postfix; {duplicates} duplicate(s) collected; "
+          f"the bridge said: {sorted(reasons)}")
     # A duplicate is possible only for a message Postfix was told to retry.
     assert {r for r in got_rcpts if got_rcpts.count(r) > 1} <= deferred
     assert collector.held() == []
