@@ -341,11 +341,25 @@ class Relay:
         # CR or LF, which must never reach a customer as a line end.
         pieces = dot_stuff(crlf_line_ends(_chunks(body)))
         if self.line_per_write:
-            pieces = _lines(pieces)
+            for line in _lines(pieces):
+                self.writer.write(line)
+                if self.writer.transport.get_write_buffer_size() > BODY_CHUNK:
+                    await self.writer.drain()
+            return
+        # Otherwise one send per BODY_CHUNK: a small message and its end
+        # marker leave together.
+        batch: list[bytes] = []
+        size = 0
         for piece in pieces:
-            self.writer.write(piece)
-            if self.writer.transport.get_write_buffer_size() > BODY_CHUNK:
-                await self.writer.drain()
+            batch.append(piece)
+            size += len(piece)
+            if size >= BODY_CHUNK:
+                self.writer.write(b"".join(batch))
+                batch.clear()
+                size = 0
+                if self.writer.transport.get_write_buffer_size() > BODY_CHUNK:
+                    await self.writer.drain()
+        self.writer.write(b"".join(batch))
 
 
 def _lines(pieces: Iterator[bytes]) -> Iterator[bytes]:
