@@ -25,6 +25,9 @@ import redis
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from odmr_bridge.spool import Envelope as HeldEnvelope
+from odmr_bridge.spool import Recipient, Spool, new_qid
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -555,3 +558,41 @@ class Postfix:
     def maillog(self) -> str:
         path = self.directory / "maillog"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@contextlib.contextmanager
+def peak_rss_growth(pid: int) -> Iterator[list[int]]:
+    """Samples *pid*'s RSS while the block runs; yields [KiB grown at the peak]."""
+    baseline = rss_kib(pid)
+    grown = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            grown[0] = max(grown[0], rss_kib(pid) - baseline)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield grown
+    finally:
+        done.set()
+        sampler.join()
+
+
+def hold_on_spool(directory: Path, body: bytes, rcpt: str = "a@atrn.example") -> None:
+    """A message put straight on a bridge's spool (not through intake, as an
+    older version or a restore would leave it); the bridge's start-up finds it."""
+    spool = Spool(directory / "spool")
+    spool.ensure()
+    spool.commit([(HeldEnvelope(qid=new_qid(), domain=rcpt.split("@")[1], sender="s@x.test",
+                                arrival=time.time(), size=len(body),
+                                recipients=[Recipient(rcpt)]), body)])

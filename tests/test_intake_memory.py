@@ -7,10 +7,8 @@ time must not grow the daemon by more than 64 MB.
 from __future__ import annotations
 
 import threading
-import time
 
-from tests.peers import Bridge
-from tests.test_relay import rss_kib
+from tests.peers import Bridge, peak_rss_growth
 from tests.wire import Wire
 
 MESSAGES = 10
@@ -38,33 +36,18 @@ def send_big_message(port: int, rcpt: str, replies: list[int]) -> None:
 
 def test_ten_concurrent_50_mb_intakes_grow_the_daemon_by_at_most_64_mb(bridge: Bridge) -> None:
     assert bridge.process is not None
-    pid = bridge.process.pid
-    baseline = rss_kib(pid)
-    peak = [baseline]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_kib(pid))
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     replies: list[int] = []
     senders = [threading.Thread(target=send_big_message,
                                 args=(bridge.lmtp_port, f"r{n}@atrn.example", replies))
                for n in range(MESSAGES)]
-    try:
+    with peak_rss_growth(bridge.process.pid) as grown:
         for sender in senders:
             sender.start()
         for sender in senders:
             sender.join()
-    finally:
-        done.set()
-        sampler.join()
     assert replies == [250] * MESSAGES
     held = bridge.held()
     assert len(held) == MESSAGES and all(m["message_size"] > 49_000_000 for m in held)
-    grown_mb = (peak[0] - baseline) / 1024
+    grown_mb = grown[0] / 1024
     print(f"RSS grew by {grown_mb:.1f} MB for {MESSAGES} concurrent 50 MB intakes")
     assert grown_mb <= 64

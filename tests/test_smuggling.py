@@ -10,16 +10,14 @@ mail an older version stored.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from odmr_bridge.smtp_client import crlf_line_ends
-from odmr_bridge.spool import Envelope, Recipient, Spool, new_qid
 from tests.conftest import CUSTOMER
-from tests.peers import Bridge
+from tests.peers import Bridge, hold_on_spool
 from tests.wire import CustomerMta, Wire
 
 # Three smuggled transactions behind the three end-of-data look-alikes of the
@@ -88,11 +86,7 @@ def test_smuggled_commands_stay_inside_the_one_message(bridge: Bridge) -> None:
 
 def test_a_spool_written_before_the_fix_is_relayed_with_crlf_only(tmp_path: Path,
                                                                   redis_url: str) -> None:
-    spool = Spool(tmp_path / "b" / "spool")
-    spool.ensure()
-    spool.commit([(Envelope(qid=new_qid(), domain="atrn.example", sender="s@x.test",
-                            arrival=time.time(), size=len(SMUGGLING_BODY),
-                            recipients=[Recipient("a@atrn.example")]), SMUGGLING_BODY)])
+    hold_on_spool(tmp_path / "b", SMUGGLING_BODY)
     b = Bridge(tmp_path / "b", redis_url)
     b.add_domain("atrn.example", *CUSTOMER)
     b.start()
