@@ -232,8 +232,11 @@ class Daemon:
         # Metrics first: once the mail ports answer, so does /metrics.
         metrics_server = None
         if settings.metrics.listen:
-            metrics_server = metrics.serve(parse_host_port(settings.metrics.listen),
-                                           redis_topology.sync_client(settings), spool)
+            scraper = redis_topology.sync_client(settings)
+            notices = (metrics.notices_in_redis(scraper) if settings.store.kind == "redis"
+                       else metrics.notices_in_spool(spool))
+            metrics_server = metrics.serve(parse_host_port(settings.metrics.listen), scraper,
+                                           notices)
         self.servers = [
             await listen(self._tracked(lambda: IntakeServer(
                 intake, hostname=name, data_size_limit=settings.lmtp.max_message_size,

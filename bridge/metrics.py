@@ -9,7 +9,7 @@ server's thread, so they are the same numbers ``redis-cli`` shows.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -48,19 +48,34 @@ def _number(value: bytes | str | None) -> float:
     return float(value) if value is not None else 0.0
 
 
-class HoldQueueCollector(Collector):
-    """Per-domain gauges from the Redis index, and the notices waiting in the
-    spool's bounce/ directory, read at each scrape."""
+def notices_in_spool(spool: Spool) -> Callable[[], int]:
+    """The files store's notices waiting: its bounce/ directory."""
+    return lambda: sum(1 for _ in spool.ids(BOUNCE))
 
-    def __init__(self, client: SyncClient, spool: Spool) -> None:
+
+def notices_in_redis(client: SyncClient) -> Callable[[], int]:
+    """The redis store's notices waiting: a SCAN over every master (a scrape
+    costs a pass over the keyspace; fine for the queue sizes ODMR sees)."""
+    return lambda: sum(1 for _ in client.scan_iter(match=keys.stored_pattern(BOUNCE),
+                                                   count=1000))
+
+
+class HoldQueueCollector(Collector):
+    """Per-domain gauges from the Redis index, and the notices waiting (from
+    the store), read at each scrape."""
+
+    def __init__(self, client: SyncClient, notices: Callable[[], int]) -> None:
         self.redis = client
-        self.spool = spool
+        self.notices = notices
 
     def collect(self) -> Iterator[Metric]:
         waiting = GaugeMetricFamily("odmr_bridge_notices_waiting",
                                     "Notices to senders not yet accepted by the host MTA")
-        waiting.add_metric([], sum(1 for _ in self.spool.ids(BOUNCE)))
-        yield waiting
+        try:
+            waiting.add_metric([], self.notices())
+            yield waiting
+        except redis.RedisError:
+            pass  # redis_up says why
         up = GaugeMetricFamily("odmr_bridge_redis_up",
                                "1 when the Redis index answered this scrape")
         try:
@@ -106,10 +121,11 @@ class HoldQueueCollector(Collector):
         return rows
 
 
-def serve(listen: tuple[str, int], client: SyncClient, spool: Spool,
+def serve(listen: tuple[str, int], client: SyncClient, notices: Callable[[], int],
           registry: CollectorRegistry = REGISTRY) -> Any:
     """Start the /metrics HTTP endpoint on its own thread; returns the server (shutdown()).
-    *client*: redis_topology.sync_client (a scrape runs on the server's thread)."""
-    registry.register(HoldQueueCollector(client, spool))
+    *client*: redis_topology.sync_client (a scrape runs on the server's thread);
+    *notices*: how many notices wait (notices_in_spool / notices_in_redis)."""
+    registry.register(HoldQueueCollector(client, notices))
     server, _thread = start_http_server(listen[1], listen[0], registry=registry)
     return server

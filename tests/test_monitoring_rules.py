@@ -124,7 +124,7 @@ def exported(redis_url: str, spool: Spool) -> Iterator[set[str]]:
     metrics.serve() adds, reading a real Redis index and spool."""
     client = redis.Redis.from_url(redis_url)
     hold_queue = CollectorRegistry()
-    hold_queue.register(metrics.HoldQueueCollector(client, spool))
+    hold_queue.register(metrics.HoldQueueCollector(client, metrics.notices_in_spool(spool)))
     text = (generate_latest(REGISTRY) + generate_latest(hold_queue)).decode()
     client.close()
     samples = {(s.name, s.value) for family in text_string_to_metric_families(text)

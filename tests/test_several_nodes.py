@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import CUSTOMER
 from tests.peers import Bridge, wait_for
+from tests.test_monitoring import scrape
 from tests.wire import CustomerMta, Wire, lmtp_send
 
 BODY = b"Subject: t\r\n\r\nheld in Redis\r\n"
@@ -122,3 +123,15 @@ def test_the_same_spool_restarted_is_not_a_second_node(tmp_path: Path, redis_url
         b = Bridge(tmp_path / "only", redis_url)
         b.start()
         assert b.stop() == 0
+
+
+def test_notices_waiting_are_counted_from_redis_on_every_node(
+        two_nodes: tuple[Bridge, Bridge]) -> None:
+    a, b = two_nodes
+    lmtp_send(a.lmtp_port, "s@x.test", ["gone@atrn.example"], BODY)
+    collect(a, rcpt_replies={"gone@atrn.example": "550 5.1.1 no such user"})
+    # The bounce waits in the store (the fixture's host MTA does not answer).
+    waiting = ("odmr_bridge_notices_waiting", ())
+    for n in (a, b):
+        wait_for(lambda n=n: scrape(n).get(waiting) == 1,
+                 what="the notice counted")
