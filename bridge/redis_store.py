@@ -79,6 +79,17 @@ def _script(client: AsyncClient, name: str) -> AsyncScript:
         resources.files("odmr_bridge").joinpath("lua", name).read_text())
 
 
+@contextlib.contextmanager
+def _enospc_when_full() -> Iterator[None]:
+    """A Redis at maxmemory is a full store: OSError(ENOSPC), as the contract says."""
+    try:
+        yield
+    except RedisError as exc:
+        if _is_oom(exc):
+            raise OSError(errno.ENOSPC, f"Redis is full: {exc}") from exc
+        raise
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, OutOfMemoryError) or (
         isinstance(exc, ResponseError) and str(exc).startswith("OOM"))
@@ -234,7 +245,9 @@ class RedisStore:
         if envelope.qid == body_of and source == target:
             await self.rewrite(envelope, target)
             return
-        await self._store(envelope, target, self._pieces_of(envelope.domain, body_of, source))
+        with _enospc_when_full():
+            await self._store(envelope, target,
+                              self._pieces_of(envelope.domain, body_of, source))
 
     async def _pieces_of(self, domain: str, qid: str, queue: str) -> AsyncIterator[bytes]:
         raw: Any = await self.redis.get(keys.stored(domain, queue, qid))  # bytes: no decoding
@@ -256,9 +269,10 @@ class RedisStore:
 
     async def rewrite(self, envelope: Envelope, queue: str = DEFERRED) -> None:
         d, qid = envelope.domain, envelope.qid
-        done = await self._rewrite(keys=[keys.stored(d, queue, qid), keys.message(d, qid)],
-                                   args=[envelope.to_json(), _recipients_json(envelope),
-                                         "1" if envelope.warned else ""])
+        with _enospc_when_full():
+            done = await self._rewrite(keys=[keys.stored(d, queue, qid), keys.message(d, qid)],
+                                       args=[envelope.to_json(), _recipients_json(envelope),
+                                             "1" if envelope.warned else ""])
         if not done:
             raise UnknownQueueId(qid)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import socket
 import time
@@ -260,8 +261,17 @@ class Relay:
                      reply)
         outcomes = {a: Outcome(_state_for(r), str(r)) for a, r in replies.items()}
         # A customer MTA without DSN cannot honour NOTIFY=SUCCESS: we report "relayed".
-        await self.queue.settle(envelope, outcomes,
-                                report_success="DSN" not in self.extensions)
+        try:
+            await self.queue.settle(envelope, outcomes,
+                                    report_success="DSN" not in self.extensions)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # A notice could not be stored (the store is full), so nothing was
+            # recorded: the recipients stay held (those the customer took come
+            # again next time), and the session goes on; deliveries free room.
+            log.warning("%s: outcome not recorded, store full (%s); the recipients stay "
+                        "held", envelope.qid, exc.strerror or exc)
         return len(untried) > len(pending)
 
     def _local_refusal(self, envelope: Envelope) -> Reply | None:

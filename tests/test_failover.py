@@ -284,6 +284,36 @@ def test_a_full_redis_says_452_4_3_1_stores_nothing_by_halves_and_takes_mail_onc
         server.wait(10)
 
 
+def test_a_bounce_that_does_not_fit_a_full_redis_leaves_its_message_held_not_the_session(
+        tmp_path: Path) -> None:
+    port = free_port()
+    server = _redis_process(tmp_path / "redis", port, "--maxmemory", "3mb",
+                            "--maxmemory-policy", "noeviction")
+    try:
+        wait_for(lambda: _answers(port), what="redis-server")
+        n = node(tmp_path, "node", url=f"redis://127.0.0.1:{port}", wait_replicas="0")
+        with running(n):
+            rcpts = []
+            for i in range(200):
+                body = f"Subject: m{i}\r\n\r\n".encode() + (b"x" * 76 + b"\r\n") * 600
+                (code, _), = lmtp_send(n.lmtp_port, "s@origin.test", [f"r{i}@{DOMAIN}"], body)
+                if code != 250:
+                    break
+                rcpts.append(f"r{i}@{DOMAIN}")
+            refused = rcpts[0]  # its bounce (the whole message) cannot be stored
+            mta = collect(n, rcpt_replies={refused: "550 5.1.1 no such user"})
+            assert sorted(m[1][0] for m in mta.messages) == sorted(rcpts[1:])
+            assert [m["recipients"][0]["address"] for m in n.held(DOMAIN)] == [refused]
+            assert "outcome not recorded, store full" in n.log_text()
+            # Room now: the next session records the 550 and queues the bounce.
+            collect(n, rcpt_replies={refused: "550 5.1.1 no such user"})
+            assert n.held(DOMAIN) == []
+            assert len(n.held(notices=True)) == 1
+    finally:
+        server.kill()
+        server.wait(10)
+
+
 @pytest.fixture(autouse=True)
 def _timing(request: pytest.FixtureRequest) -> Iterator[None]:
     started = time.monotonic()
