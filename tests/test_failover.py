@@ -36,7 +36,8 @@ from tests.peers import (
     smtp_sink,
     wait_for,
 )
-from tests.test_several_nodes import collect, node
+from tests.test_relay import collect
+from tests.test_several_nodes import node
 from tests.wire import lmtp_send, without_our_trace
 
 DOMAIN = "atrn.example"

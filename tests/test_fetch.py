@@ -26,6 +26,7 @@ from odmr_bridge.fetch_protocol import DataReader, combine_data_replies, ehlo_re
 from odmr_bridge.smtp_client import Extensions, Reply
 from tests.conftest import CUSTOMER, need
 from tests.peers import ROOT, Bridge, Postfix, free_port, smtp_sink, wait_for
+from tests.test_end_to_end import MESSAGES
 from tests.wire import lmtp_send, without_our_trace
 
 # -- pure parts -------------------------------------------------------------------
@@ -142,16 +143,7 @@ def hold(bridge: Bridge, rcpts: list[str], body: bytes = b"Subject: t\r\n\r\nhi\
     assert all(code == 250 for code, _ in results), results
 
 
-MESSAGES = {  # the conversation checks fetchmail passes in test_end_to_end.py
-    "dot": (["dot@atrn.example"],
-            b"Subject: dot\r\n\r\n.a line that starts with a dot\r\n.\r\n..\r\nend\r\n"),
-    "8bit": (["eight@atrn.example"],
-             "Subject: 8bit\r\nContent-Type: text/plain; charset=utf-8\r\n"
-             "Content-Transfer-Encoding: 8bit\r\n\r\nUmlaute: \u00e4\u00f6\u00fc \u00df\r\n"
-             .encode()),
-    "two": (["one@atrn.example", "two@atrn.example"],
-            b"Subject: two recipients\r\n\r\nfor both of you\r\n"),
-}
+# MESSAGES: the conversation checks fetchmail passes (tests/test_end_to_end.py).
 
 
 def test_collects_once_and_intact_like_fetchmail(bridge: Bridge) -> None:

@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import CUSTOMER
 from tests.peers import Bridge, wait_for
 from tests.test_monitoring import scrape
+from tests.test_relay import collect
 from tests.wire import CustomerMta, Wire, lmtp_send
 
 BODY = b"Subject: t\r\n\r\nheld in Redis\r\n"
@@ -39,16 +40,6 @@ def two_nodes(tmp_path: Path, cluster_nodes: str) -> Iterator[tuple[Bridge, Brid
     for n in (a, b):
         if n.process is not None:
             n.stop()
-
-
-def collect(bridge: Bridge, **kwargs: object) -> CustomerMta:
-    w = Wire(bridge.odmr_port)
-    w.login(*CUSTOMER)
-    assert w.command("ATRN atrn.example")[0] == 250
-    mta = CustomerMta(w, **kwargs)  # type: ignore[arg-type]
-    mta.run()
-    w.close()
-    return mta
 
 
 def test_mail_taken_by_node_a_is_listed_on_b_and_collected_there(
