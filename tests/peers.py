@@ -422,6 +422,16 @@ class Bridge:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def logged(self, text: str, timeout: float = 5.0) -> bool:
+        """*text* is in the log within *timeout* seconds (a writer thread puts
+        lines there a few milliseconds after their event)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
 
 def self_signed_certificate(directory: Path, name: str = "provider.test") -> tuple[Path, Path]:
     """A fresh key and self-signed certificate (openssl), for the TLS tests."""

@@ -59,7 +59,7 @@ def test_one_address_past_its_limit_gets_421_while_another_customer_collects(
     assert f"{code} {text}" == REFUSAL
     assert w.read_line() == b""  # and closed
     assert collects_one_message(limited)
-    assert f"Connection count limit exceeded for [{FLOODER}]" in limited.log_text()
+    assert limited.logged(f"Connection count limit exceeded for [{FLOODER}]")
     for wire, _, _ in flood:
         wire.close()
     # The slots are free again once the flood's connections are gone.
@@ -74,7 +74,7 @@ def test_connections_per_minute_are_limited_per_address(limited: Bridge) -> None
         codes.append(code)
         w.close()
     assert codes.count(421) >= 5 and codes[:10] == [220] * 10
-    assert "Connection rate limit exceeded" in limited.log_text()
+    assert limited.logged("Connection rate limit exceeded")
     assert greeting(limited.odmr_port, "127.0.0.1")[1] == 220
 
 

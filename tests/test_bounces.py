@@ -345,4 +345,4 @@ def test_a_bounce_travels_through_postfix_back_to_the_sender(tmp_path: Path,
     _, blocks, returned = report_parts(notice)
     assert (blocks[1]["Action"], blocks[1]["Status"]) == ("failed", "5.1.1")
     assert returned_message(returned)["Subject"] == "will bounce"
-    assert "status=sent (failed notice for" in bridge.log_text()
+    assert bridge.logged("status=sent (failed notice for")

@@ -66,7 +66,7 @@ def test_a_domain_added_while_running_is_accepted_without_restart(bridge: Bridge
     def accepted() -> bool:
         return lmtp_send(bridge.lmtp_port, "s@x.test", ["a@new.example"], BODY)[0][0] == 250
     wait_for(accepted, timeout=5, interval=0.1, what="the reload")
-    assert "reloaded" in bridge.log_text()
+    assert bridge.logged("reloaded")
 
 
 def test_a_broken_accounts_file_keeps_the_previous_one(bridge: Bridge) -> None:

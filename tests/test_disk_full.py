@@ -73,4 +73,4 @@ def test_a_full_spool_tempfails_intake_and_recovers(tmp_path: Path, redis_url: s
         assert len(bridge.held()) == len(accepted) - 3 + 1
     finally:
         bridge.stop()
-    assert "warning: queue commit failed" in bridge.log_text()
+    assert bridge.logged("warning: queue commit failed")

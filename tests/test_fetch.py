@@ -159,7 +159,7 @@ def test_collects_once_and_intact_like_fetchmail(bridge: Bridge) -> None:
         assert got[tuple(sorted(rcpts))] == data
     assert all(sender == "sender@origin.test" for sender, _, _ in sink.messages)
     assert bridge.held() == []
-    assert "sasl_method=SCRAM-SHA-256" in bridge.log_text()
+    assert bridge.logged("sasl_method=SCRAM-SHA-256")
 
 
 def test_exit_codes_follow_the_atrn_replies(bridge: Bridge) -> None:
@@ -291,7 +291,7 @@ def test_several_domains_into_postfix_plain_starttls_and_tls_on_connect(
         wait_for(lambda: len(sink.messages) == 10, timeout=30,  # type: ignore[attr-defined]
                  what="Postfix to pass all ten on")
         if mode != "none":
-            assert "TLS connection established" in bridge.log_text()
+            assert bridge.logged("TLS connection established")
     finally:
         bridge.stop()
 

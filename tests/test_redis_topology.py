@@ -149,13 +149,13 @@ def takes_mail_lists_it_and_serves_atrn(bridge: Bridge) -> None:
 def test_the_bridge_on_a_redis_cluster_takes_mail_and_serves_atrn(
         cluster_bridge: Bridge) -> None:
     takes_mail_lists_it_and_serves_atrn(cluster_bridge)
-    assert "using Redis Cluster at 127.0.0.1:" in cluster_bridge.log_text()
+    assert cluster_bridge.logged("using Redis Cluster at 127.0.0.1:")
 
 
 def test_the_bridge_on_redis_sentinel_takes_mail_and_serves_atrn(
         sentinel_bridge: Bridge) -> None:
     takes_mail_lists_it_and_serves_atrn(sentinel_bridge)
-    assert "using Redis Sentinel master 'bridge' via" in sentinel_bridge.log_text()
+    assert sentinel_bridge.logged("using Redis Sentinel master 'bridge' via")
 
 
 def test_the_milter_reads_the_quota_from_the_cluster(cluster_bridge: Bridge,

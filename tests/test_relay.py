@@ -68,7 +68,7 @@ def test_a_message_over_the_customers_size_limit_is_not_sent(bridge: Bridge) -> 
     assert [m[1] for m in mta.messages] == [["small@atrn.example"]]
     assert bridge.held() == []
     assert len(list((bridge.spool / "bounce").iterdir())) == 1  # the bounce, not yet sent
-    assert "dsn=5.3.4, status=bounced" in bridge.log_text()
+    assert bridge.logged("dsn=5.3.4, status=bounced")
 
 
 def test_smtputf8_mail_to_a_customer_without_smtputf8_fails_permanently(bridge: Bridge) -> None:
@@ -76,7 +76,7 @@ def test_smtputf8_mail_to_a_customer_without_smtputf8_fails_permanently(bridge: 
               mail_options="SMTPUTF8")
     mta = collect(bridge, ehlo=["customer.test", "8BITMIME"])
     assert mta.messages == []
-    assert "dsn=5.6.7, status=bounced" in bridge.log_text()
+    assert bridge.logged("dsn=5.6.7, status=bounced")
 
 
 def test_smtputf8_mail_goes_to_a_customer_with_smtputf8(bridge: Bridge) -> None:
@@ -124,7 +124,7 @@ def test_a_421_from_the_customer_ends_the_session_at_once(bridge: Bridge) -> Non
     assert mta.commands[refused + 1:] == []  # nothing after the MAIL that got 421
     assert len(mta.messages) == 2
     assert held_count(bridge) == 3
-    assert "session ended early: 421 4.7.0" in bridge.log_text()
+    assert bridge.logged("session ended early: 421 4.7.0")
     assert len(collect(bridge).messages) == 3  # the rest, in the next session
 
 
@@ -134,7 +134,7 @@ def test_limits_mailmax_leaves_the_rest_for_the_next_session(bridge: Bridge) -> 
     mta = collect(bridge, ehlo=["customer.test", "LIMITS MAILMAX=2"])
     assert len(mta.messages) == 2 and mta.commands[-1] == "QUIT"
     assert held_count(bridge) == 1
-    assert "LIMITS MAILMAX=2 reached" in bridge.log_text()
+    assert bridge.logged("LIMITS MAILMAX=2 reached")
     assert len(collect(bridge).messages) == 1
 
 

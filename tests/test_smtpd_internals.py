@@ -72,4 +72,4 @@ def test_one_limit_on_bad_commands_ours_answered_421_and_logged(bridge: Bridge) 
     assert (code, lines[0]) == (500, replies.UNRECOGNIZED[4:])
     assert w.reply() == (421, [replies.TOO_MANY_ERRORS[4:]])
     assert w.read_line() == b""
-    assert "too many errors (10); disconnecting" in bridge.log_text()
+    assert bridge.logged("too many errors (10); disconnecting")
