@@ -20,11 +20,7 @@ CHUNK = LINE * 800  # 64 KB
 def send_big_message(port: int, rcpt: str, replies: list[int]) -> None:
     w = Wire(port, timeout=120)
     try:
-        assert w.reply()[0] == 220
-        assert w.command("LHLO sender.test")[0] == 250
-        assert w.command("MAIL FROM:<s@x.test>")[0] == 250
-        assert w.command(f"RCPT TO:<{rcpt}>")[0] == 250
-        assert w.command("DATA")[0] == 354
+        w.lmtp_to_data(rcpt)
         w.sock.sendall(b"Subject: big\r\n\r\n")
         for _ in range(LINES // 800):
             w.sock.sendall(CHUNK)

@@ -36,11 +36,7 @@ def lmtp_raw(port: int, rcpt: str, content: bytes) -> int:
     """One LMTP transaction whose DATA bytes go out exactly as given."""
     w = Wire(port)
     try:
-        assert w.reply()[0] == 220
-        assert w.command("LHLO sender.test")[0] == 250
-        assert w.command("MAIL FROM:<s@x.test>")[0] == 250
-        assert w.command(f"RCPT TO:<{rcpt}>")[0] == 250
-        assert w.command("DATA")[0] == 354
+        w.lmtp_to_data(rcpt)
         w.sock.sendall(content + b".\r\n")  # content ends in CRLF
         return w.reply()[0]
     finally:

@@ -66,6 +66,14 @@ class Wire:
         self.send(line)
         return self.reply()
 
+    def lmtp_to_data(self, rcpt: str, sender: str = "s@x.test") -> None:
+        """An LMTP transaction up to the 354: then send the content raw."""
+        assert self.reply()[0] == 220
+        assert self.command("LHLO sender.test")[0] == 250
+        assert self.command(f"MAIL FROM:<{sender}>")[0] == 250
+        assert self.command(f"RCPT TO:<{rcpt}>")[0] == 250
+        assert self.command("DATA")[0] == 354
+
     def read_line(self) -> bytes:
         return self.file.readline()
 
