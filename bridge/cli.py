@@ -26,6 +26,7 @@ from odmr_bridge.accounts import AccountsError, AccountsFile, DomainLimits, norm
 from odmr_bridge.daemon import Daemon
 from odmr_bridge.embedded_redis import EmbeddedRedisError
 from odmr_bridge.index import IndexedMessage
+from odmr_bridge.logs import finish as finish_logging
 from odmr_bridge.logs import setup as setup_logging
 from odmr_bridge.queue_setup import StoreClaimed, open_queue
 from odmr_bridge.spool import Spool
@@ -339,18 +340,20 @@ def main(argv: list[str] | None = None) -> int:
         return result
     except (CliError, AccountsError, EmbeddedRedisError, ActivationError,
             queue_tools.QueueToolError, StoreClaimed) as exc:
-        print(f"odmr-bridge: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _fail(str(exc))
     except redis_topology.RedisUnreachable as exc:
         private = args.command != "serve" and not (
             settings.redis.url or settings.redis.cluster_nodes or settings.redis.sentinels)
-        print(f"odmr-bridge: {exc}{'; is the bridge running?' if private else ''}",
-              file=sys.stderr)
-        return EXIT_FAILURE
+        return _fail(f"{exc}{'; is the bridge running?' if private else ''}")
     except (ConnectionError, redis.exceptions.ConnectionError) as exc:
-        print(f"odmr-bridge: cannot reach Redis ({exc}); is the bridge running?",
-              file=sys.stderr)
-        return EXIT_FAILURE
+        return _fail(f"cannot reach Redis ({exc}); is the bridge running?")
+
+
+def _fail(text: str) -> int:
+    """The command's last word on stderr, after every log line already said."""
+    finish_logging()
+    print(f"odmr-bridge: {text}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -100,8 +100,9 @@ class _Writer(logging.handlers.QueueListener):
 _writer: logging.handlers.QueueListener | None = None
 
 
-def _stop_writer() -> None:
-    """Write out every line still queued (at exit, and before a new set-up)."""
+def finish() -> None:
+    """Write out every line still queued (at exit, before a new set-up, and
+    before a command's last word on stderr, which must come after them)."""
     global _writer
     if _writer is not None:
         _writer.stop()
@@ -110,7 +111,7 @@ def _stop_writer() -> None:
 
 def setup(level: str = "info", target: str = "stderr", syslog_socket: str = "/dev/log") -> None:
     global _writer
-    _stop_writer()
+    finish()
     root = logging.getLogger()
     handler = _handler(target, syslog_socket)
     handler.addFilter(_Service())
@@ -129,4 +130,4 @@ def setup(level: str = "info", target: str = "stderr", syslog_socket: str = "/de
         logging.getLogger(name).setLevel(level.upper())
 
 
-atexit.register(_stop_writer)
+atexit.register(finish)
