@@ -128,18 +128,18 @@ class Daemon:
         self.sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self.servers: list[asyncio.Server] = []
 
+    def _track(self, protocol: SMTP) -> SMTP:
+        """A session the shutdown waits for (or cuts short)."""
+        self.sessions.add(protocol)
+        return protocol
+
     def _tracked(self, make: Callable[[], SMTP]) -> Callable[[], SMTP]:
-        def factory() -> SMTP:
-            protocol = make()
-            self.sessions.add(protocol)
-            return protocol
-        return factory
+        return lambda: self._track(make())
 
     def _gated(self, anvil: Anvil,
                make: Callable[[Callable[[], None]], SMTP]) -> Callable[[], AdmissionGate]:
         """Port 366: each connection passes the per-client limits first."""
-        return lambda: AdmissionGate(anvil, lambda release: self._tracked(
-            lambda: make(release))())
+        return lambda: AdmissionGate(anvil, lambda release: self._track(make(release)))
 
     async def run(self) -> int:
         settings = self.settings
