@@ -75,9 +75,10 @@ def anvil_rate(address: str) -> str:
 #
 #   bridge:{d}:q:<queue>:<qid>     STRING a held message: "<stored> <pieces> <envelope
 #                                         length>\n", the envelope JSON, the first
-#                                         piece of content; <queue> is deferred,
+#                                         bytes of content; <queue> is deferred,
 #                                         hold or bounce (a move is a RENAME)
-#   bridge:{d}:body:<qid>          LIST   the content after the first piece, in pieces
+#   bridge:{d}:body:<qid>          LIST   the rest of the content, in pieces cut to the
+#                                         allocator's size classes (redis_store._cut)
 #   bridge:{d}:incoming:<qid>      LIST   pieces being written (expires; renamed to
 #                                         body:<qid> by the script that stores the message)
 #   bridge:{d}:corrupt:<qid>       STRING a message that failed validation, set aside

@@ -6,12 +6,23 @@ later state change is one script in that slot:
 
 - the message is a STRING ``bridge:{d}:q:<queue>:<qid>``: a header line
   ``<stored> <pieces> <envelope length>``, the envelope JSON, then the first
-  piece of content; a message of one piece (up to ``PIECE`` bytes: nearly
-  all mail) is that one key;
-- larger content continues in ``bridge:{d}:body:<qid>``, a LIST of pieces of
-  ``PIECE`` bytes, so no command carries more than one piece.  A write
-  appends the pieces to an expiring ``incoming`` list and the storing script
-  renames it into place: an interrupted write leaves nothing that lasts;
+  bytes of the content;
+- the rest of the content is in ``bridge:{d}:body:<qid>``, a LIST of pieces
+  (``<pieces>`` counts the STRING's part as the first), so no command carries
+  more than one piece.  The pieces are cut to fill the allocator's size
+  classes (jemalloc's, four per doubling: a value just over one takes up to a
+  quarter more): full pieces of ``PIECE`` bytes (256 KiB less room for the
+  list entry), then at most one more, the largest part of what is left that
+  fills a class, when that takes fewer bytes than keeping it in the STRING
+  (:func:`_cut`).  A message of a few KB is so the STRING (header, envelope,
+  a few hundred bytes) and one piece; one of about 3 KB or less is the STRING
+  alone.  The reader takes whatever sizes it finds (the layout before, a
+  first piece of 256 KiB in the STRING, reads the same).  A write appends the
+  pieces to an expiring ``incoming`` list (the last one can go with the
+  storing script) and the storing script renames it into place: an
+  interrupted write leaves nothing that lasts;
+- a reader gets the STRING and the first piece in one round trip
+  (``store_read.lua``), the further pieces one command each;
 - the queue is the key's name (a move is a RENAME, as the spool's is); the
   index's sets and entry (index.py) are changed by the same scripts, so
   HoldQueue's index call after each of them changes nothing.
@@ -55,8 +66,16 @@ from odmr_bridge.store import Scanned
 
 __all__ = ["PIECE", "NotReplicated", "RedisStore"]
 
-# Content goes to Redis and comes back in pieces of this size (one command each).
-PIECE = 256 * 1024
+# Content goes to Redis and comes back in pieces of at most this size (one
+# command each): 256 KiB less room for a LIST entry's own bytes, so that a full
+# piece fills the allocator's 256 KiB size class (a piece of exactly 256 KiB
+# took 320 KiB: jemalloc's size classes are four per doubling).
+ENTRY = 32  # at most 21 bytes of listpack (or ziplist) framing around one entry
+PIECE = 256 * 1024 - ENTRY
+# About what a LIST of pieces costs besides its pieces: its keyspace entry, name,
+# object and quicklist; and each node of it (one per piece).
+LIST_COST = 160
+NODE_COST = 32
 # An unfinished write's pieces expire after this long.
 INCOMING_TTL_MS = 3_600_000
 # An opened message's content beyond its first piece stays in memory up to
@@ -100,21 +119,81 @@ def _recipients_json(envelope: Envelope) -> str:
     return json.dumps([[r.address, r.state] for r in envelope.recipients])
 
 
-def _content_pieces(content: Content) -> Iterator[bytes]:
-    """The content in pieces of ``PIECE`` bytes (the last one shorter; one empty
-    piece for no content)."""
-    first = True
+def _allocated(n: int) -> int:
+    """The bytes jemalloc (Redis's allocator) hands out for *n*: sizes are
+    multiples of 16 up to 128, then four size classes per doubling."""
+    if n <= 128:
+        return max(16, (n + 15) & ~15)
+    spacing = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // spacing) * spacing
+
+
+def _fitting(n: int) -> int:
+    """The largest of jemalloc's size classes that is at most *n* (n >= 16)."""
+    if n <= 128:
+        return n & ~15
+    spacing = 1 << (n.bit_length() - 3)
+    return n // spacing * spacing
+
+
+def _string_bytes(n: int) -> int:
+    """What a STRING value of *n* bytes takes: its sds header and NUL, rounded."""
+    return _allocated(n + (4 if n < 256 else 6 if n < 65536 else 10))
+
+
+def _cut(size: int, head: int) -> tuple[int, list[int]]:
+    """How content of *size* bytes is stored after a message STRING's first
+    *head* bytes (its header line and envelope): (bytes of content kept in
+    that STRING, the sizes of the LIST pieces that follow, in order).
+
+    Full pieces of ``PIECE`` bytes fill their size class; what is left over
+    would be rounded up to the next class (up to a quarter more) if it stayed
+    in the STRING, so the largest part of it that fills a class exactly goes
+    in one more piece, the last, when that takes fewer bytes all told (about
+    ``LIST_COST`` more for a message that has no LIST otherwise).  The STRING
+    keeps the header, the envelope and the small rest: rewriting the envelope
+    never moves content.  One such piece at most: two small ones could share
+    a listpack node and be rounded up together."""
+    pieces = [PIECE] * (size // PIECE)
+    kept = size - len(pieces) * PIECE
+    if kept:
+        piece = _fitting(kept + ENTRY) - ENTRY
+        whole = _string_bytes(head + kept)
+        split = (_string_bytes(head + kept - piece) + piece + ENTRY + NODE_COST
+                 + (0 if pieces else LIST_COST))
+        if piece > 0 and split < whole:
+            pieces.append(piece)
+            kept -= piece
+    return kept, pieces
+
+
+async def _content_chunks(content: Content) -> AsyncIterator[bytes]:
+    """The content as read: the prefix, then the data in reads of ``PIECE``."""
     data = io.BytesIO(content.data) if isinstance(content.data, bytes) else content.data
     data.seek(0)
-    piece = content.prefix
-    while True:
-        while len(piece) < PIECE and (more := data.read(PIECE - len(piece))):
-            piece += more
-        if piece or first:
-            yield piece
-        if len(piece) < PIECE:
-            return
-        piece, first = b"", False
+    yield content.prefix
+    while more := data.read(PIECE):
+        yield more
+
+
+async def _recut(chunks: AsyncIterator[bytes], sizes: list[int], qid: str
+                 ) -> AsyncIterator[bytes]:
+    """*chunks* cut again into parts of *sizes* bytes (ValueError when there
+    are more or fewer bytes than they add up to)."""
+    held = bytearray()
+    async for chunk in chunks:
+        held += chunk
+        while sizes and len(held) >= sizes[0]:
+            part = bytes(held[:sizes[0]])
+            del held[:sizes[0]]
+            sizes = sizes[1:]
+            yield part
+        if not sizes and held:
+            break
+    if held or any(sizes):
+        raise ValueError(f"{qid}: content is not the size its envelope says")
+    for _ in sizes:  # parts of no bytes
+        yield b""
 
 
 def _head(raw: bytes, name: str) -> tuple[float, int, int]:
@@ -171,10 +250,12 @@ class RedisStore:
         self._rewrite = _script(client, "store_rewrite.lua")
         self._move = _script(client, "store_move.lua")
         self._remove = _script(client, "store_remove.lua")
+        self._read = _script(client, "store_read.lua")
 
     async def prepare(self) -> None:
         """Load the scripts up front (as Index.prepare does)."""
-        for script in (self._append, self._write, self._rewrite, self._move, self._remove):
+        for script in (self._append, self._write, self._rewrite, self._move, self._remove,
+                       self._read):
             await self.redis.script_load(script.script)
 
     def scratch(self) -> IO[bytes]:
@@ -187,7 +268,7 @@ class RedisStore:
         try:
             for envelope, content in copies:
                 started.append(envelope)
-                await self._store(envelope, DEFERRED, _aiter(_content_pieces(content)))
+                await self._store(envelope, DEFERRED, _content_chunks(content))
             if self.wait_replicas > 0:
                 confirmed = await asyncio.gather(*(
                     confirm_replicated(self.redis, keys.stored(e.domain, DEFERRED, e.qid),
@@ -206,24 +287,30 @@ class RedisStore:
             raise
 
     async def _store(self, envelope: Envelope, queue: str, content: AsyncIterator[bytes]) -> None:
-        """Stream *content* into an expiring incoming list, then store the message
-        (and index it, in deferred or hold) with one script."""
+        """Store *content* as :func:`_cut` says and index it (in deferred or hold)
+        with one script.  Pieces go first to an expiring incoming list, one
+        command each; the last one goes with the storing script instead when it
+        and the STRING's part are one piece's worth at most (so a message of up
+        to ``PIECE`` bytes takes one command)."""
         d, qid = envelope.domain, envelope.qid
         incoming = keys.incoming(d, qid)
-        first, count, size = b"", 0, 0
+        raw = envelope.to_json()
+        stored = repr(time.time())
+        kept, sizes = _cut(envelope.size, len(stored) + len(raw) + 12)
+        inline = bool(sizes) and kept + sizes[-1] <= PIECE
+        first, last, appended = b"", b"", 0
         try:
-            async for piece in content:
-                if count == 0:
-                    first = piece
+            n = 0
+            async for part in _recut(content, [kept, *sizes], qid):
+                if n == 0:
+                    first = part
+                elif inline and n == len(sizes):
+                    last = part
                 else:
-                    await self._append(keys=[incoming], args=[piece, self.incoming_ttl_ms])
-                count += 1
-                size += len(piece)
-            if size != envelope.size:
-                raise ValueError(f"{qid}: content is {size} bytes, the envelope says "
-                                 f"{envelope.size}")
-            raw = envelope.to_json()
-            value = f"{time.time()!r} {max(1, count)} {len(raw)}\n".encode() + raw + first
+                    await self._append(keys=[incoming], args=[part, self.incoming_ttl_ms])
+                    appended += 1
+                n += 1
+            value = f"{stored} {1 + len(sizes)} {len(raw)}\n".encode() + raw + first
             indexed = queue in _INDEXED
             if indexed:
                 # The one global key, in its own command, first (as Index.add does).
@@ -232,11 +319,11 @@ class RedisStore:
                 keys=[keys.stored(d, queue, qid), incoming, keys.pieces(d, qid),
                       keys.hold(d) if queue == HOLD else keys.deferred(d),
                       keys.message(d, qid), keys.stats(d)],
-                args=[value, max(1, count), queue if indexed else "", qid,
+                args=[value, appended, queue if indexed else "", qid,
                       repr(envelope.arrival), envelope.size, envelope.sender,
-                      _recipients_json(envelope)])
+                      _recipients_json(envelope), last])
         except BaseException:
-            if count > 1:
+            if appended:
                 with contextlib.suppress(RedisError, OSError):
                     await self.redis.delete(incoming)
             raise
@@ -310,16 +397,22 @@ class RedisStore:
     @contextlib.asynccontextmanager
     async def open(self, domain: str, qid: str,
                    queue: str = DEFERRED) -> AsyncIterator[tuple[Readable, Envelope]]:
-        raw: Any = await self.redis.get(keys.stored(domain, queue, qid))
-        if raw is None:
+        got: Any = await self._read(keys=[keys.stored(domain, queue, qid),
+                                          keys.pieces(domain, qid)])
+        if got is None:
             raise UnknownQueueId(qid)
+        raw, listed, piece = got
         _, count, start = _head(raw, qid)
+        if listed != count - 1:
+            raise CorruptQueueFile(f"{qid}: {listed + 1} pieces, its header says {count}")
         envelope = _envelope(raw, start, domain, qid)
         first = memoryview(raw)[start:]
         rest: IO[bytes] | None = None
         try:
-            if count > 1:
-                rest = await self._fetch(domain, qid, queue, count)
+            if count == 2:
+                rest = io.BytesIO(piece)
+            elif count > 2:
+                rest = await self._fetch(domain, qid, queue, piece, count)
             size = len(first) + (rest.seek(0, 2) if rest is not None else 0)
             if size != envelope.size:
                 raise CorruptQueueFile(f"{qid}: content is {size} bytes, the envelope says "
@@ -331,17 +424,17 @@ class RedisStore:
             if rest is not None:
                 rest.close()
 
-    async def _fetch(self, domain: str, qid: str, queue: str, count: int) -> IO[bytes]:
-        """Pieces 2.. of a message, one command each, into a spooled local file:
-        the reader is synchronous, and this way never holds more than
-        ``READ_IN_MEMORY`` + one piece of a message in memory."""
+    async def _fetch(self, domain: str, qid: str, queue: str, piece: bytes,
+                     count: int) -> IO[bytes]:
+        """The LIST's pieces (the first one given), the others one command each,
+        into a spooled local file: the reader is synchronous, and this way never
+        holds more than ``READ_IN_MEMORY`` + one piece of a message in memory."""
         rest = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (the caller closes it)
             max_size=READ_IN_MEMORY, dir=self.scratch_dir)
         try:
-            for i in range(count - 1):
+            rest.write(piece)
+            for i in range(1, count - 1):
                 rest.write(await self._piece(domain, qid, queue, i, count))
-            if await self.redis.llen(keys.pieces(domain, qid)) != count - 1:
-                raise CorruptQueueFile(f"{qid}: more pieces than the {count} in its header")
         except BaseException:
             rest.close()
             raise
@@ -395,8 +488,3 @@ class RedisStore:
             found = _KEY.match(name.decode() if isinstance(name, bytes) else name)
             if found:
                 yield found.group(1), found.group(2), found.group(3)
-
-
-async def _aiter(pieces: Iterator[bytes]) -> AsyncIterator[bytes]:
-    for piece in pieces:
-        yield piece
