@@ -67,6 +67,21 @@ class DrainReport:
             self.deferred += 1
 
 
+@dataclasses.dataclass
+class _InFlight:
+    """A transaction whose body is sent and whose final reply is still to come:
+    the next message's MAIL, RCPT and DATA go out before it is read (RFC 2920
+    3.1: message content may be the first "command" of a group)."""
+
+    envelope: Envelope
+    results: dict[str, Reply]  # the RCPT refusals so far
+    accepted: list[str]
+    started: float
+    # The message's checkout, closed once the reply is settled.
+    checkout: contextlib.AsyncExitStack = dataclasses.field(
+        default_factory=contextlib.AsyncExitStack)
+
+
 def _state_for(reply: Reply) -> str:
     if reply.kind == 2:
         return DELIVERED
@@ -123,6 +138,7 @@ class Relay:
         self._transactions = 0
         # (qid, recipient) already tried in this session: a 4xx is not retried.
         self._tried: set[tuple[str, str]] = set()
+        self._in_flight: _InFlight | None = None
 
     # -- the dialogue --------------------------------------------------------
 
@@ -193,6 +209,27 @@ class Relay:
         report = self.report
         if not await self.greet():
             return report
+        try:
+            await self._drain(domains, report)
+            try:
+                await self._finish_in_flight()
+            except CustomerClosing as exc:
+                self.ended_by, self._customer_closed = str(exc.reply), True
+        finally:
+            if self._in_flight is not None:  # connection lost: it stays held
+                await self._in_flight.checkout.aclose()
+                self._in_flight = None
+        if self.ended_by:
+            log.warning("relay=%s: session ended early: %s; the rest stays held for the "
+                        "next session", self.relay_name, self.ended_by)
+        if self.keep_going() and not self._customer_closed:
+            if self.before_quit is not None:
+                await self.before_quit()
+            await self.quit()
+            report.completed = True
+        return report
+
+    async def _drain(self, domains: list[str], report: DrainReport) -> None:
         for domain in domains:
             attempted: set[str] = set()
             while not self._session_over():
@@ -204,32 +241,31 @@ class Relay:
                     # More than the customer's RCPTMAX: one transaction per group.
                     more = True
                     while more and not self._session_over():
-                        more = False
-                        async with self.queue.checkout(domain, qid) as found:
-                            if found is not None:
-                                more = await self.deliver(*found, report)
+                        async with contextlib.AsyncExitStack() as checkout:
+                            found = await checkout.enter_async_context(
+                                self.queue.checkout(domain, qid))
+                            more = found is not None and await self.deliver(
+                                *found, report, checkout)
                         if report.messages % SYNC_EVERY == 0:
                             await self.queue.sync()
                     if self._session_over():
                         break
-        if self.ended_by:
-            log.warning("relay=%s: session ended early: %s; the rest stays held for the "
-                        "next session", self.relay_name, self.ended_by)
-        if self.keep_going() and not self._customer_closed:
-            if self.before_quit is not None:
-                await self.before_quit()
-            await self.quit()
-            report.completed = True
-        return report
 
-    async def deliver(self, envelope: Envelope, body: Readable, report: DrainReport) -> bool:
+    async def deliver(self, envelope: Envelope, body: Readable, report: DrainReport,
+                      checkout: contextlib.AsyncExitStack | None = None) -> bool:
         """One transaction for pending recipients of one held message (at most the
-        customer's LIMITS RCPTMAX); True if others are left for another one."""
+        customer's LIMITS RCPTMAX); True if others are left for another one.
+
+        With PIPELINING and a *checkout* to take over, the transaction may be
+        left in flight: its body sent, its final reply read (and settled) after
+        the next message's MAIL, RCPT and DATA went out, or at the end.
+        """
         started = time.time()
         report.messages += 1
         untried = [r for r in envelope.pending() if (envelope.qid, r.address) not in self._tried]
         rcpt_max = self.extensions.limit("RCPTMAX")
         pending = untried[:rcpt_max] if rcpt_max else untried
+        more = len(untried) > len(pending)
         self._tried.update((envelope.qid, r.address) for r in pending)
         refusal = self._local_refusal(envelope)
         if refusal is not None:
@@ -237,11 +273,43 @@ class Relay:
         else:
             self._transactions += 1
             try:
-                replies = await self._transaction(envelope, body, pending)
+                sent = await self._transaction(envelope, body, pending, started)
+                if isinstance(sent, dict):
+                    replies = sent
+                elif more or checkout is None:  # this message's next group needs it settled
+                    replies = await self._final_reply(sent)
+                else:
+                    sent.checkout = checkout.pop_all()
+                    self._in_flight = sent
+                    return False
             except CustomerClosing as exc:
                 self.ended_by, self._customer_closed = str(exc.reply), True
                 replies = dict.fromkeys((r.address for r in pending), exc.reply)
-        ended = time.time()
+        await self._record(envelope, replies, started, time.time())
+        return more
+
+    async def _final_reply(self, flight: _InFlight) -> dict[str, Reply]:
+        final = await self._reply(self.timeouts.data_end)
+        flight.results.update(dict.fromkeys(flight.accepted, final))
+        return flight.results
+
+    async def _finish_in_flight(self) -> None:
+        """Read and settle the final reply of the transaction left in flight."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return
+        async with flight.checkout:
+            try:
+                replies = await self._final_reply(flight)
+            except CustomerClosing as exc:  # recorded here, then the caller's to handle
+                flight.results.update(dict.fromkeys(flight.accepted, exc.reply))
+                await self._record(flight.envelope, flight.results, flight.started, time.time())
+                raise
+            await self._record(flight.envelope, replies, flight.started, time.time())
+
+    async def _record(self, envelope: Envelope, replies: dict[str, Reply], started: float,
+                      ended: float) -> None:
+        """Log each recipient's answer as Postfix does and settle them in the queue."""
         # Postfix's delays: a (intake; not timed: ours takes milliseconds),
         # b (waiting in the queue), c (greeting and EHLO), d (the transaction).
         if self._setup is not None:  # the session's first delivery
@@ -250,6 +318,7 @@ class Relay:
             waited, setup = started - envelope.arrival, 0.0
         delays = "/".join(map(seconds, (0.0, waited, setup, ended - started)))
         delay = seconds(ended - envelope.arrival)
+        report = self.report
         # Each recipient's line first, then the queue's "removed" (Postfix's order).
         for address, reply in replies.items():
             state = _state_for(reply)
@@ -272,7 +341,6 @@ class Relay:
             # again next time), and the session goes on; deliveries free room.
             log.warning("%s: outcome not recorded, store full (%s); the recipients stay "
                         "held", envelope.qid, exc.strerror or exc)
-        return len(untried) > len(pending)
 
     def _local_refusal(self, envelope: Envelope) -> Reply | None:
         """A reason not to send this message to this customer at all, as a reply."""
@@ -304,18 +372,24 @@ class Relay:
         return " ".join([f"RCPT TO:<{recipient.address}>", *params])
 
     async def _transaction(self, envelope: Envelope, body: Readable,
-                           pending: list[Recipient]) -> dict[str, Reply]:
+                           pending: list[Recipient], started: float
+                           ) -> dict[str, Reply] | _InFlight:
+        """The replies to a transaction, or, once its body is sent, the transaction
+        in flight (its final reply not read yet)."""
         timeout = self.timeouts.command
         recipients = [r.address for r in pending]
         envelope_lines = [self._mail_command(envelope)]
         envelope_lines += [self._rcpt_command(r) for r in pending]
         if "PIPELINING" in self.extensions:
-            # RFC 2920: MAIL, every RCPT and DATA in one group.
+            # RFC 2920: MAIL, every RCPT and DATA in one group, right behind the
+            # previous message's body; that message's final reply comes first.
             await self._send(*envelope_lines, "DATA")
+            await self._finish_in_flight()
             mail_reply = await self._reply(timeout)
             rcpt_replies = [await self._reply(timeout) for _ in recipients]
             data_reply = await self._reply(self.timeouts.data_start)
         else:
+            await self._finish_in_flight()
             mail_reply = await self._command(envelope_lines[0], timeout)
             rcpt_replies = []
             data_reply = Reply(503, ("5.5.1 no valid recipients (not sent)",))
@@ -342,9 +416,7 @@ class Relay:
             await self._reply(self.timeouts.data_end)
             return results
         await self._send_body(body)
-        final = await self._reply(self.timeouts.data_end)
-        results.update(dict.fromkeys(accepted, final))
-        return results
+        return _InFlight(envelope, results, accepted, started)
 
     async def _send_body(self, body: Readable) -> None:
         # Intake stores CRLF only; spools written before it did may hold bare

@@ -39,21 +39,28 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
     """A free port below the kernel's ephemeral range.
 
     A port from bind(0) is an ephemeral one: between our check and the
     server's bind, any outgoing connection may take it as its local port.
-    Ports below the range are never handed out that way.
+    Ports below the range are never handed out that way.  A port is handed
+    out once per test process: two servers started together never get the same.
     """
     low = _ephemeral_range()[0]
     for _ in range(200):
         port = random.randrange(max(1024, low - 12000), low)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     raise RuntimeError("no free port below the ephemeral range")
 

@@ -146,3 +146,37 @@ def test_limits_rcptmax_splits_a_message_into_transactions_of_that_size(bridge: 
     assert [m[1] for m in mta.messages] == [rcpts[0:2], rcpts[2:4], rcpts[4:]]
     assert all(m[2] == BODY for m in mta.messages)
     assert held_count(bridge) == 0
+
+
+def test_the_next_message_goes_out_behind_the_previous_body(bridge: Bridge) -> None:
+    # RFC 2920 3.1: content may be the first "command" of a group, so the
+    # next MAIL, RCPT and DATA follow a body without waiting for its reply:
+    # one round trip per message on a slow link, not two.
+    for n in range(3):
+        lmtp_send(bridge.lmtp_port, "s@x.test", [f"r{n}@atrn.example"], BODY)
+    mta = collect(bridge, ehlo=["customer.test", "PIPELINING"], pause_before_data_reply=0.2)
+    assert len(mta.messages) == 3 and held_count(bridge) == 0
+    assert [a.split(b"\r\n")[0][:10] for a in mta.ahead] == [b"MAIL FROM:", b"MAIL FROM:", b""]
+    assert mta.ahead[0].endswith(b"DATA\r\n")  # the whole group, and nothing beyond it
+    assert mta.commands[-1] == "QUIT"
+
+
+def test_without_pipelining_each_body_waits_for_its_reply(bridge: Bridge) -> None:
+    for n in range(2):
+        lmtp_send(bridge.lmtp_port, "s@x.test", [f"r{n}@atrn.example"], BODY)
+    mta = collect(bridge, pause_before_data_reply=0.2)
+    assert len(mta.messages) == 2 and mta.ahead == [b"", b""]
+
+
+def test_a_421_to_a_body_with_the_next_group_in_flight_loses_nothing(bridge: Bridge) -> None:
+    for n in range(4):
+        lmtp_send(bridge.lmtp_port, "s@x.test", [f"r{n}@atrn.example"], BODY)
+    mta = collect(bridge, ehlo=["customer.test", "PIPELINING"], pause_before_data_reply=0.1,
+                  data_replies={2: "421 4.3.2 customer.test shutting down"})
+    assert len(mta.messages) == 1
+    assert mta.ahead[1].startswith(b"MAIL FROM:")  # the third was on its way
+    assert bridge.logged("dsn=4.3.2, status=deferred")
+    assert bridge.logged("session ended early: 421 4.3.2")
+    assert held_count(bridge) == 3
+    assert len(collect(bridge).messages) == 3  # the second, third and fourth, next time
+    assert held_count(bridge) == 0

@@ -8,6 +8,7 @@ import hmac
 import re
 import socket
 import ssl
+import time
 
 _OUR_TRACE = re.compile(
     rb"Received: from [^\r\n]*\r\n\tby [^\r\n]*\(odmr-bridge\)[^\r\n]*(?:\r\n\t[^\r\n]*)*\r\n")
@@ -132,8 +133,16 @@ class CustomerMta:
     def __init__(self, wire: Wire, rcpt_replies: dict[str, str] | None = None,
                  ehlo: list[str] | None = None, refuse_ehlo: bool = False,
                  bare_lf_ends_lines: bool = False, traced: bool = True,
-                 mail_limit: int | None = None) -> None:
+                 mail_limit: int | None = None, pause_before_data_reply: float = 0.0,
+                 data_replies: dict[int, str] | None = None) -> None:
         self.w = wire
+        # Waits this long before answering each end of data, then notes in
+        # `ahead` what the provider had sent beyond it meanwhile (pipelining).
+        self.pause_before_data_reply = pause_before_data_reply
+        self.ahead: list[bytes] = []
+        # The answer to the n-th end of data (from 1), if not 250; a 421 is
+        # followed by closing the connection, as a server that says it does.
+        self.data_replies = data_replies or {}
         # Like Exim's smtp_accept_max_per_connection: MAIL past this many
         # messages gets 421 (and whatever follows is recorded).
         self.mail_limit = mail_limit
@@ -153,6 +162,16 @@ class CustomerMta:
 
     def reply(self, line: str) -> None:
         self.w.send(line)
+
+    def _arrived_after(self, pause: float) -> bytes:
+        """What the provider has sent that is not read yet, after *pause* seconds."""
+        time.sleep(pause)
+        timeout = self.w.sock.gettimeout()
+        self.w.sock.setblocking(False)  # peek at what is there without waiting
+        try:
+            return self.w.file.peek(1)
+        finally:
+            self.w.sock.settimeout(timeout)
 
     def run(self) -> list[tuple[str, list[str], bytes]]:
         self.reply("220 customer.test ESMTP")
@@ -197,10 +216,18 @@ class CustomerMta:
                     if not chunk:
                         raise ConnectionError("the provider closed the connection in DATA")
                     data += chunk[1:] if chunk.startswith(b".") else chunk
+                if self.pause_before_data_reply:
+                    self.ahead.append(self._arrived_after(self.pause_before_data_reply))
+                answer = self.data_replies.get(len(self.raw_messages) + 1,
+                                               "250 2.0.0 Ok: delivered")
                 self.raw_messages.append(data)
-                self.messages.append(
-                    (sender, rcpts, without_our_trace(data) if self.traced else data))
-                self.reply("250 2.0.0 Ok: delivered")
+                if answer.startswith("2"):
+                    self.messages.append(
+                        (sender, rcpts, without_our_trace(data) if self.traced else data))
+                self.reply(answer)
+                if answer.startswith("421"):
+                    self.w.close()
+                    return self.messages
             elif verb == "RSET":
                 self.reply("250 2.0.0 Ok")
             elif verb == "QUIT":
