@@ -45,6 +45,7 @@ from odmr_bridge.spool import (
     DEFERRED,
     HOLD,
     QUEUES,
+    SCRATCH_IN_MEMORY,
     Content,
     CorruptQueueFile,
     Envelope,
@@ -150,15 +151,35 @@ class Store(Protocol):
         ...
 
 
+_Opened = contextlib.AbstractContextManager[tuple[Readable, Envelope]]
+
+
 class FilesStore:
     """The :class:`Store` on the spool directory (``spool.py``): one file per
     message, fsync and rename; the on-disk format is the spool's."""
 
+    # Delivered files are closed this many at a time, on a worker thread.
+    CLOSE_BATCH = 32
+
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
+        self._delivered: list[_Opened] = []
 
     def scratch(self) -> IO[bytes]:
         return self.spool.scratch()
+
+    def _close_delivered(self, reader: _Opened | None = None, size: int = 0) -> None:
+        """The last close of a delivered (unlinked) file frees it, the costliest
+        step of a delivery: a worker thread closes them in batches while the
+        next messages go out (one thread hop per batch, not per message).  A
+        large file goes at once, so its disk space is not kept waiting."""
+        if reader is not None:
+            self._delivered.append(reader)
+            if len(self._delivered) < self.CLOSE_BATCH and size < SCRATCH_IN_MEMORY:
+                return
+        if self._delivered:
+            batch, self._delivered = self._delivered, []
+            asyncio.get_running_loop().run_in_executor(None, _close_all, batch)
 
     async def write(self, copies: Sequence[tuple[Envelope, Content]]) -> None:
         await asyncio.to_thread(self.spool.commit, list(copies))
@@ -181,6 +202,7 @@ class FilesStore:
             self.spool.remove(qid, queue, sync=False)
 
     async def sync(self) -> None:
+        self._close_delivered()
         await asyncio.to_thread(self.spool.sync)
 
     async def quarantine(self, domain: str, qid: str, queue: str = DEFERRED) -> None:
@@ -198,12 +220,8 @@ class FilesStore:
         finally:
             if envelope.pending():
                 reader.__exit__(None, None, None)
-            else:
-                # Delivered and unlinked: the last close frees the file, the
-                # costliest step of a delivery; let a worker thread pay it
-                # while the next message goes out.
-                asyncio.get_running_loop().run_in_executor(None, reader.__exit__, None, None,
-                                                           None)
+            else:  # delivered and unlinked
+                self._close_delivered(reader, envelope.size)
 
     async def read_envelope(self, domain: str, qid: str, queue: str = DEFERRED) -> Envelope:
         return await asyncio.to_thread(self.spool.read_envelope, qid, queue)
@@ -237,3 +255,8 @@ class FilesStore:
         except CorruptQueueFile as exc:
             return Scanned(qid, "", None, 0.0, str(exc))
         return Scanned(qid, envelope.domain, envelope, stored)
+
+
+def _close_all(readers: list[_Opened]) -> None:
+    for reader in readers:
+        reader.__exit__(None, None, None)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import pytest
 
 from bench.benchlib import fast_customer, odmr_login
 from tests.conftest import CUSTOMER
-from tests.peers import Bridge, hold_on_spool, peak_rss_growth
+from tests.peers import Bridge, hold_on_spool, peak_rss_growth, wait_for
 from tests.wire import CustomerMta, Wire, lmtp_send
 
 BODY = b"Subject: t\r\n\r\nhello\r\n"
@@ -180,3 +182,24 @@ def test_a_421_to_a_body_with_the_next_group_in_flight_loses_nothing(bridge: Bri
     assert held_count(bridge) == 3
     assert len(collect(bridge).messages) == 3  # the second, third and fourth, next time
     assert held_count(bridge) == 0
+
+
+def test_delivered_files_give_their_disk_space_back_by_the_sessions_end(bridge: Bridge
+                                                                       ) -> None:
+    # Delivered files are closed in batches off the event loop; none may stay
+    # open (deleted, but still taking disk space) once the session is over.
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["big@atrn.example"], b"x" * 998 + b"\r\n" * 1200)
+    for n in range(3):
+        lmtp_send(bridge.lmtp_port, "s@x.test", [f"r{n}@atrn.example"], BODY)
+    assert len(collect(bridge, ehlo=["customer.test", "PIPELINING"]).messages) == 4
+    assert bridge.process is not None
+    fds = Path(f"/proc/{bridge.process.pid}/fd")
+
+    def deleted_spool_files() -> list[str]:
+        targets = []
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                targets.append(os.readlink(fd))
+        return [t for t in targets if t.startswith(str(bridge.spool)) and "(deleted)" in t]
+
+    wait_for(lambda: deleted_spool_files() == [], timeout=5, what="delivered files closed")
