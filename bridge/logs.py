@@ -100,6 +100,16 @@ class _Writer(logging.handlers.QueueListener):
 _writer: logging.handlers.QueueListener | None = None
 
 
+def _collect_only_what_lines_show() -> None:
+    """A line shows the time, the module and the process ID: skip what the
+    logging HOWTO's "Optimization" section lists as avoidable for such
+    lines (the caller's file and line, found by walking the stack for every
+    record; the thread and the multiprocessing names)."""
+    logging._srcfile = None  # the HOWTO's own knob; tests/test_logs.py notices if it moves
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+
+
 def finish() -> None:
     """Write out every line still queued (at exit, before a new set-up, and
     before a command's last word on stderr, which must come after them)."""
@@ -119,6 +129,7 @@ def setup(level: str = "info", target: str = "stderr", syslog_socket: str = "/de
     _writer = _Writer(lines, handler)
     _writer.start()
     root.handlers[:] = [_Handoff(lines)]
+    _collect_only_what_lines_show()
     root.setLevel(level.upper())
     # aiosmtpd logs every command line (AUTH responses included) at INFO and
     # deprecation chatter at WARNING; our own modules log the events.

@@ -3,6 +3,8 @@ logs (pflogsumm, grep for a queue ID) work on ours."""
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import re
 import socket
 import subprocess
@@ -10,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from odmr_bridge import logs
 from tests.conftest import CUSTOMER, need
 from tests.peers import Bridge, self_signed_certificate, wait_for
 from tests.wire import CustomerMta, Wire, lmtp_send
@@ -166,3 +169,28 @@ def test_debug_logging_does_not_log_its_own_log_file(tmp_path: Path, redis_url: 
         assert len(b.log_text().splitlines()) - lines < 20
     finally:
         b.stop()
+
+
+def test_a_record_costs_no_walk_up_the_stack() -> None:
+    # logging._srcfile is the knob the logging HOWTO ("Optimization") names
+    # for this; if a Python release moves it, this fails rather than every
+    # line quietly paying for the caller's file and line again.
+    assert hasattr(logging, "_srcfile")
+    saved = (logging._srcfile, logging.logThreads, logging.logMultiprocessing)
+    root = logging.getLogger()
+    saved_root = (root.handlers[:], root.level)
+    logger = logging.getLogger("odmr_bridge.test_logs")
+    seen = logging.handlers.BufferingHandler(10)
+    logger.addHandler(seen)
+    logger.propagate = False
+    try:
+        logs.setup("info")
+        logger.info("one line")
+        record = seen.buffer[0]
+        assert (record.pathname, record.lineno) == ("(unknown file)", 0)
+        assert record.threadName is None and record.process  # the line shows the PID
+    finally:
+        logs.finish()
+        logging._srcfile, logging.logThreads, logging.logMultiprocessing = saved
+        root.handlers[:], root.level = saved_root
+        logger.removeHandler(seen)
