@@ -76,6 +76,8 @@ PIECE = 256 * 1024 - ENTRY
 # object and quicklist; and each node of it (one per piece).
 LIST_COST = 160
 NODE_COST = 32
+# Removals of delivered messages sent without waiting, at most this many.
+DROPS_IN_FLIGHT = 64
 # An unfinished write's pieces expire after this long.
 INCOMING_TTL_MS = 3_600_000
 # An opened message's content beyond its first piece stays in memory up to
@@ -251,6 +253,8 @@ class RedisStore:
         self._move = _script(client, "store_move.lua")
         self._remove = _script(client, "store_remove.lua")
         self._read = _script(client, "store_read.lua")
+        # Removals of delivered messages still on their way (see remove()).
+        self._dropping: list[asyncio.Task[None]] = []
 
     async def prepare(self) -> None:
         """Load the scripts up front (as Index.prepare does)."""
@@ -376,11 +380,22 @@ class RedisStore:
 
     async def remove(self, domain: str, qid: str, queue: str = DEFERRED, *,
                      sync: bool = True) -> None:
-        # Redis applies writes in order: nothing to batch, nothing to sync.
-        await self._drop(domain, qid, queue, "")
+        if sync:
+            await self._drop(domain, qid, queue, "")
+            return
+        # A delivered message: its removal goes out while the next message
+        # does, and sync() waits for it, as the files store's unlink waits
+        # for its directory fsync.  Until then the message is still held: a
+        # crash meanwhile delivers it again, never loses it.
+        self._dropping.append(asyncio.create_task(self._drop(domain, qid, queue, "")))
+        if len(self._dropping) >= DROPS_IN_FLIGHT:
+            await self.sync()
 
     async def sync(self) -> None:
-        return None
+        dropping, self._dropping = self._dropping, []
+        for failed in await asyncio.gather(*dropping, return_exceptions=True):
+            if isinstance(failed, BaseException):
+                raise failed
 
     async def quarantine(self, domain: str, qid: str, queue: str = DEFERRED) -> None:
         await self._drop(domain, qid, queue, "quarantine")

@@ -22,6 +22,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from odmr_bridge import keys
 from odmr_bridge.index import Index
@@ -512,3 +513,17 @@ async def test_on_a_cluster_with_one_replica_acknowledged(cluster_nodes: str) ->
     await store.remove(env.domain, env.qid, HOLD)
     assert not await store.exists(env.domain, env.qid, HOLD)
     await client.aclose()
+
+
+async def test_a_removal_not_waited_for_reports_its_failure_at_the_next_sync(
+        store: RedisStore, client: aioredis.Redis) -> None:
+    # A delivered message's removal goes out without waiting (the next
+    # message goes meanwhile); sync() is where its outcome is known.
+    env, content = copy_of(text_body(1000))
+    await store.write([(env, content)])
+    await client.delete(keys.deferred(DOMAIN))
+    await client.set(keys.deferred(DOMAIN), "not a sorted set")  # the removal will fail
+    await store.remove(DOMAIN, env.qid, sync=False)
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await store.sync()
+    await store.sync()  # reported once
