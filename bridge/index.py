@@ -74,18 +74,22 @@ class Index:
     # -- message state ---------------------------------------------------
 
     async def add(self, envelope: Envelope, *, held: bool = False) -> bool:
-        d = envelope.domain
+        return (await self.add_many([envelope], held=held))[0]
+
+    async def add_many(self, envelopes: list[Envelope], *, held: bool = False) -> list[bool]:
+        """Index several messages in two round trips; True for each one not
+        indexed before."""
         # The one global key, in its own command (a script may touch one slot
         # only): first, so a domain with mail is always listed; a listed domain
         # without mail is harmless.
-        await self.redis.sadd(keys.DOMAINS, d)
-        added = await self._add(
-            keys=[keys.hold(d) if held else keys.deferred(d), keys.message(d, envelope.qid),
-                  keys.stats(d)],
-            args=[envelope.qid, repr(envelope.arrival), envelope.size, envelope.sender,
-                  _recipients_json(envelope), "hold" if held else ""],
-        )
-        return bool(added)
+        await self.redis.sadd(keys.DOMAINS, *{envelope.domain for envelope in envelopes})
+        added = await self._each(self._add, [
+            ([keys.hold(e.domain) if held else keys.deferred(e.domain),
+              keys.message(e.domain, e.qid), keys.stats(e.domain)],
+             [e.qid, repr(e.arrival), e.size, e.sender, _recipients_json(e),
+              "hold" if held else ""])
+            for e in envelopes])
+        return [bool(a) for a in added]
 
     async def move(self, domain: str, qid: str, *, hold: bool) -> bool:
         """Put an indexed message on hold (or release it); False if it was not there."""

@@ -149,7 +149,7 @@ class HoldQueue:
         envelopes = [envelope for envelope, _ in copies]
         await self.store.write(copies)
         try:
-            await asyncio.gather(*(self.index.add(envelope) for envelope in envelopes))
+            await self.index.add_many(envelopes)
         except BaseException:
             for envelope in envelopes:  # unacknowledged: the callers answer 4xx
                 await self.store.remove(envelope.domain, envelope.qid)
