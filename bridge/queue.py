@@ -247,8 +247,15 @@ class HoldQueue:
             # All final: remove now; durability and the index update follow
             # at the next sync(), batched.  A stale index entry meanwhile is
             # harmless: checkout() drops entries without a message.
-            await self.store.remove(envelope.domain, envelope.qid, sync=False)
-            self._unsynced.append((envelope.domain, envelope.qid))
+            # Listed first: a sync that learns of this removal's failure has it.
+            entry = (envelope.domain, envelope.qid)
+            self._unsynced.append(entry)
+            try:
+                await self.store.remove(envelope.domain, envelope.qid, sync=False)
+            except BaseException:
+                if entry in self._unsynced:  # still there: its index entry stays
+                    self._unsynced.remove(entry)
+                raise
             log.info("%s: removed", envelope.qid)
 
     async def notify(self, envelope: Envelope, recipients: list[Recipient]) -> str | None:
@@ -275,8 +282,8 @@ class HoldQueue:
         """Make the removals since the last sync durable and drop them from the index."""
         if self._unsynced:
             done, self._unsynced = self._unsynced, []
-            await self.store.sync()
-            await self.index.remove_many(done)
+            failed = await self.store.sync()
+            await self.index.remove_many([m for m in done if m[1] not in failed])
 
     # -- the queue pass: expiry and delay warnings -----------------------------
 

@@ -39,6 +39,7 @@ import contextlib
 import errno
 import io
 import json
+import logging
 import re
 import tempfile
 import time
@@ -65,6 +66,8 @@ from odmr_bridge.spool import (
 from odmr_bridge.store import Scanned
 
 __all__ = ["PIECE", "NotReplicated", "RedisStore"]
+
+log = logging.getLogger("odmr_bridge.redis_store")
 
 # Content goes to Redis and comes back in pieces of at most this size (one
 # command each): 256 KiB less room for a LIST entry's own bytes, so that a full
@@ -255,6 +258,7 @@ class RedisStore:
         self._read = _script(client, "store_read.lua")
         # Removals of delivered messages still on their way (see remove()).
         self._dropping: list[asyncio.Task[None]] = []
+        self._not_removed: set[str] = set()
 
     async def prepare(self) -> None:
         """Load the scripts up front (as Index.prepare does)."""
@@ -387,15 +391,31 @@ class RedisStore:
         # does, and sync() waits for it, as the files store's unlink waits
         # for its directory fsync.  Until then the message is still held: a
         # crash meanwhile delivers it again, never loses it.
-        self._dropping.append(asyncio.create_task(self._drop(domain, qid, queue, "")))
+        self._dropping.append(asyncio.create_task(self._drop_later(domain, qid, queue)))
         if len(self._dropping) >= DROPS_IN_FLIGHT:
-            await self.sync()
+            await self._wait_for_drops()
 
-    async def sync(self) -> None:
+    async def _drop_later(self, domain: str, qid: str, queue: str) -> None:
+        try:
+            await self._drop(domain, qid, queue, "")
+        except (RedisError, OSError) as exc:
+            # Refused or lost on its way, the script did not run: the message
+            # is stored and indexed as before and goes out again next session.
+            log.warning("%s: removal after delivery failed, the message stays held: %s",
+                        qid, exc)
+            self._not_removed.add(qid)
+
+    async def _wait_for_drops(self) -> None:
         dropping, self._dropping = self._dropping, []
-        for failed in await asyncio.gather(*dropping, return_exceptions=True):
-            if isinstance(failed, BaseException):
-                raise failed
+        if dropping:
+            # wait(), not gather(): a caller cancelled meanwhile (its session
+            # ended) must not cancel the removals of other sessions.
+            await asyncio.wait(dropping)
+
+    async def sync(self) -> frozenset[str]:
+        await self._wait_for_drops()
+        failed, self._not_removed = frozenset(self._not_removed), set()
+        return failed
 
     async def quarantine(self, domain: str, qid: str, queue: str = DEFERRED) -> None:
         await self._drop(domain, qid, queue, "quarantine")

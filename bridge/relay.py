@@ -276,7 +276,8 @@ class Relay:
                 sent = await self._transaction(envelope, body, pending, started)
                 if isinstance(sent, dict):
                     replies = sent
-                elif more or checkout is None:  # this message's next group needs it settled
+                elif more or checkout is None or "PIPELINING" not in self.extensions:
+                    # Settled now: its next group needs it, or nothing could go meanwhile.
                     replies = await self._final_reply(sent)
                 else:
                     sent.checkout = checkout.pop_all()

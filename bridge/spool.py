@@ -237,7 +237,8 @@ class Spool:
             content = body.chunks()
         else:
             content = _read_chunks(body)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        # O_TRUNC: a leftover of a command that died mid-write is overwritten.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
             _write_gathered(fd, itertools.chain((MAGIC, envelope.to_json(), b"\n"), content,
                                                 (TRAILER,)))

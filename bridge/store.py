@@ -111,8 +111,11 @@ class Store(Protocol):
         duplicate delivery), never lose another."""
         ...
 
-    async def sync(self) -> None:
-        """Make the removals made with ``sync=False`` durable."""
+    async def sync(self) -> frozenset[str]:
+        """Make the removals made with ``sync=False`` durable; return the queue
+        IDs among them that could not be removed (a store that sends them
+        without waiting learns it here): those messages stay as they were,
+        stored and indexed."""
         ...
 
     async def quarantine(self, domain: str, qid: str, queue: str = DEFERRED) -> None:
@@ -201,9 +204,10 @@ class FilesStore:
             # An unlink without the directory fsync: cheaper than a thread hop.
             self.spool.remove(qid, queue, sync=False)
 
-    async def sync(self) -> None:
+    async def sync(self) -> frozenset[str]:
         self._close_delivered()
         await asyncio.to_thread(self.spool.sync)
+        return frozenset()  # each unlink happened (or raised) in remove()
 
     async def quarantine(self, domain: str, qid: str, queue: str = DEFERRED) -> None:
         await asyncio.to_thread(self.spool.quarantine, qid, queue)
@@ -218,7 +222,7 @@ class FilesStore:
         try:
             yield body, envelope
         finally:
-            if envelope.pending():
+            if envelope.pending() or queue != DEFERRED:  # notices: no sync() follows
                 reader.__exit__(None, None, None)
             else:  # delivered and unlinked
                 self._close_delivered(reader, envelope.size)

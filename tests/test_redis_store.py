@@ -22,10 +22,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
 
 from odmr_bridge import keys
 from odmr_bridge.index import Index
+from odmr_bridge.queue import HoldQueue, Outcome
 from odmr_bridge.redis_store import ENTRY, PIECE, NotReplicated, RedisStore
 from odmr_bridge.spool import (
     BOUNCE,
@@ -515,15 +515,31 @@ async def test_on_a_cluster_with_one_replica_acknowledged(cluster_nodes: str) ->
     await client.aclose()
 
 
-async def test_a_removal_not_waited_for_reports_its_failure_at_the_next_sync(
-        store: RedisStore, client: aioredis.Redis) -> None:
+async def test_a_delivered_message_whose_removal_fails_stays_held_and_indexed(
+        store: RedisStore, client: aioredis.Redis, redis_url: str) -> None:
     # A delivered message's removal goes out without waiting (the next
-    # message goes meanwhile); sync() is where its outcome is known.
-    env, content = copy_of(text_body(1000))
-    await store.write([(env, content)])
-    await client.delete(keys.deferred(DOMAIN))
-    await client.set(keys.deferred(DOMAIN), "not a sorted set")  # the removal will fail
-    await store.remove(DOMAIN, env.qid, sync=False)
-    with pytest.raises(ResponseError, match="WRONGTYPE"):
-        await store.sync()
-    await store.sync()  # reported once
+    # message goes meanwhile).  If it fails, nothing of its script happened:
+    # the message must stay listed, to go out again, not vanish from the
+    # index while its content stays stored.  The failure is real: a Redis
+    # user that may not touch the key the removal script declares for a
+    # corrupt copy is refused before the script runs.
+    tag = f"bridge:{{{DOMAIN}}}"
+    await client.acl_setuser(
+        "no-corrupt", enabled=True, nopass=True, commands=["+@all"],
+        keys=["bridge:domains", *(f"{tag}:{name}" for name in (
+            "q:*", "body:*", "deferred", "hold", "msg:*", "stats", "incoming:*"))])
+    limited = aioredis.from_url(redis_url, username="no-corrupt", password="x")
+    try:
+        queue = HoldQueue(store, Index(client))
+        copies = await queue.commit("s@x.test", [], {DOMAIN: [Recipient(f"a@{DOMAIN}")]},
+                                    b"Subject: t\r\n\r\nhi\r\n")
+        envelope = copies[DOMAIN]
+        refused = HoldQueue(RedisStore(limited, wait_replicas=0, wait_timeout_ms=100),
+                            Index(client))
+        await refused.settle(envelope, {f"a@{DOMAIN}": Outcome(DELIVERED, "250 2.0.0 Ok")})
+        await refused.sync()
+        assert await queue.held(DOMAIN) == [envelope.qid]
+        assert (await queue.load(DOMAIN, envelope.qid)) is not None
+    finally:
+        await limited.aclose()
+        await client.acl_deluser("no-corrupt")

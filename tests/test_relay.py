@@ -16,11 +16,16 @@ from tests.wire import CustomerMta, Wire, lmtp_send
 BODY = b"Subject: t\r\n\r\nhello\r\n"
 
 
-def collect(bridge: Bridge, **kwargs: object) -> CustomerMta:
+def reversed_session(bridge: Bridge) -> Wire:
+    """Logged in and past ATRN: the next thing is the customer's 220."""
     w = Wire(bridge.odmr_port)
     w.login(*CUSTOMER)
     assert w.command("ATRN atrn.example")[0] == 250
-    mta = CustomerMta(w, **kwargs)  # type: ignore[arg-type]
+    return w
+
+
+def collect(bridge: Bridge, **kwargs: object) -> CustomerMta:
+    mta = CustomerMta(reversed_session(bridge), **kwargs)  # type: ignore[arg-type]
     mta.run()
     return mta
 
@@ -116,10 +121,7 @@ def held_count(bridge: Bridge) -> int:
 def test_a_421_from_the_customer_ends_the_session_at_once(bridge: Bridge) -> None:
     for n in range(5):
         lmtp_send(bridge.lmtp_port, "s@x.test", [f"r{n}@atrn.example"], BODY)
-    w = Wire(bridge.odmr_port)
-    w.login(*CUSTOMER)
-    assert w.command("ATRN atrn.example")[0] == 250
-    mta = CustomerMta(w, mail_limit=2)
+    mta = CustomerMta(reversed_session(bridge), mail_limit=2)
     with pytest.raises(ConnectionError):  # the bridge closes; it sends no QUIT
         mta.run()
     refused = max(i for i, c in enumerate(mta.commands) if c.startswith("MAIL"))
@@ -184,11 +186,25 @@ def test_a_421_to_a_body_with_the_next_group_in_flight_loses_nothing(bridge: Bri
     assert held_count(bridge) == 0
 
 
+def test_a_421_to_the_last_body_ends_the_session_without_quit(bridge: Bridge) -> None:
+    for n in range(2):
+        lmtp_send(bridge.lmtp_port, "s@x.test", [f"r{n}@atrn.example"], BODY)
+    mta = CustomerMta(reversed_session(bridge), ehlo=["customer.test", "PIPELINING"],
+                      closes_after_421=False,
+                      data_replies={2: "421 4.3.2 customer.test shutting down"})
+    with pytest.raises(ConnectionError):  # the bridge closes, having sent nothing more
+        mta.run()
+    assert mta.commands[-1] == "DATA" and "QUIT" not in mta.commands
+    assert held_count(bridge) == 1
+    assert bridge.logged("session ended early: 421 4.3.2")
+
+
 def test_delivered_files_give_their_disk_space_back_by_the_sessions_end(bridge: Bridge
                                                                        ) -> None:
     # Delivered files are closed in batches off the event loop; none may stay
     # open (deleted, but still taking disk space) once the session is over.
-    lmtp_send(bridge.lmtp_port, "s@x.test", ["big@atrn.example"], b"x" * 998 + b"\r\n" * 1200)
+    lmtp_send(bridge.lmtp_port, "s@x.test", ["big@atrn.example"],
+              (b"x" * 998 + b"\r\n") * 1200)  # 1.2 MB: closed at once, not batched
     for n in range(3):
         lmtp_send(bridge.lmtp_port, "s@x.test", [f"r{n}@atrn.example"], BODY)
     assert len(collect(bridge, ehlo=["customer.test", "PIPELINING"]).messages) == 4

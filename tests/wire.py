@@ -134,7 +134,8 @@ class CustomerMta:
                  ehlo: list[str] | None = None, refuse_ehlo: bool = False,
                  bare_lf_ends_lines: bool = False, traced: bool = True,
                  mail_limit: int | None = None, pause_before_data_reply: float = 0.0,
-                 data_replies: dict[int, str] | None = None) -> None:
+                 data_replies: dict[int, str] | None = None,
+                 closes_after_421: bool = True) -> None:
         self.w = wire
         # Waits this long before answering each end of data, then notes in
         # `ahead` what the provider had sent beyond it meanwhile (pipelining).
@@ -143,6 +144,8 @@ class CustomerMta:
         # The answer to the n-th end of data (from 1), if not 250; a 421 is
         # followed by closing the connection, as a server that says it does.
         self.data_replies = data_replies or {}
+        # False: stays to see what the provider does after a 421 (it must close).
+        self.closes_after_421 = closes_after_421
         # Like Exim's smtp_accept_max_per_connection: MAIL past this many
         # messages gets 421 (and whatever follows is recorded).
         self.mail_limit = mail_limit
@@ -225,7 +228,7 @@ class CustomerMta:
                     self.messages.append(
                         (sender, rcpts, without_our_trace(data) if self.traced else data))
                 self.reply(answer)
-                if answer.startswith("421"):
+                if answer.startswith("421") and self.closes_after_421:
                     self.w.close()
                     return self.messages
             elif verb == "RSET":
