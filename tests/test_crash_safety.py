@@ -19,6 +19,7 @@ everything.  The promise checked:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from tests.conftest import CUSTOMER, need
 from tests.peers import Bridge, Postfix, wait_for
-from tests.wire import CustomerMta, Wire
+from tests.wire import CustomerMta, Wire, lmtp_send
 
 KILLS = int(os.environ.get("ODMR_CRASH_KILLS", "50"))
 _CRASH_ID = re.compile(rb"^X-Crash-Id: (\d+)\r?$", re.MULTILINE)
@@ -163,3 +164,44 @@ def test_kill_9_during_intake_and_drains_loses_nothing(tmp_path: Path, redis_url
     assert lost == [], f"lost: {lost}"
     assert unexplained == [], f"duplicates not in flight at a kill: {unexplained}"
     assert set(counts) <= set(sent)
+
+
+def test_kill_9_mid_drain_with_the_next_message_in_flight_loses_nothing(
+        tmp_path: Path, redis_url: str) -> None:
+    # A pipelined drain keeps one message in flight (its body sent, the next
+    # group behind it, its reply not yet read) and closes and indexes its
+    # removals in batches: a kill at any point costs at most that message twice.
+    bridge = Bridge(tmp_path / "bridge", redis_url)
+    bridge.add_domain("atrn.example", *CUSTOMER)
+    bridge.start()
+    rcpts = [f"r{n}@atrn.example" for n in range(300)]
+    for rcpt in rcpts:
+        lmtp_send(bridge.lmtp_port, "s@x.test", [rcpt], b"Subject: t\r\n\r\n" + b"x\r\n" * 50)
+    w = Wire(bridge.odmr_port)
+    w.login(*CUSTOMER)
+    assert w.command("ATRN atrn.example")[0] == 250
+    first = CustomerMta(w, ehlo=["customer.test", "PIPELINING"])
+
+    def kill_mid_drain() -> None:
+        wait_for(lambda: len(first.messages) >= 120, timeout=60, interval=0.001,
+                 what="120 messages collected")
+        bridge.stop(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_mid_drain)
+    killer.start()
+    with contextlib.suppress(ConnectionError, OSError):  # the bridge died under it
+        first.run()
+    killer.join()
+    assert 120 <= len(first.messages) < 300
+    bridge.start()  # frees its own leases and mends the index from the spool
+    w = Wire(bridge.odmr_port)
+    w.login(*CUSTOMER)
+    assert w.command("ATRN atrn.example")[0] == 250
+    rest = CustomerMta(w, ehlo=["customer.test", "PIPELINING"])
+    rest.run()
+    got = [m[1][0] for m in first.messages + rest.messages]
+    print(f"\nkill -9 mid-drain: {len(first.messages)} collected before, "
+          f"{len(rest.messages)} after, {len(got) - len(set(got))} duplicate(s)")
+    assert sorted(set(got)) == sorted(rcpts)  # none lost
+    assert len(got) - len(set(got)) <= 1  # at most the one in flight at the kill
+    assert bridge.held() == []
