@@ -139,6 +139,8 @@ class Relay:
         # (qid, recipient) already tried in this session: a 4xx is not retried.
         self._tried: set[tuple[str, str]] = set()
         self._in_flight: _InFlight | None = None
+        # A body's last piece, kept to leave in one send with the next group.
+        self._body_tail = b""
 
     # -- the dialogue --------------------------------------------------------
 
@@ -147,11 +149,15 @@ class Relay:
         if self.line_per_write:
             for line in encoded:
                 self.writer.write(line)
-        else:  # one send() for a whole pipelined group
-            self.writer.write(b"".join(encoded))
+        else:  # one send() for a whole pipelined group, behind a body's last piece
+            self.writer.write(b"".join([self._body_tail, *encoded]))
+            self._body_tail = b""
         await self.writer.drain()
 
     async def _reply(self, timeout: float) -> Reply:
+        if self._body_tail:  # nothing followed the body: it goes now
+            self.writer.write(self._body_tail)
+            self._body_tail = b""
         # Re-arm TCP_QUICKACK before every read: a delayed ACK to the customer's
         # reply would otherwise stall our next pipelined write (see README).
         if _QUICKACK is not None and self._socket is not None:
@@ -442,7 +448,7 @@ class Relay:
                 size = 0
                 if self.writer.transport.get_write_buffer_size() > BODY_CHUNK:
                     await self.writer.drain()
-        self.writer.write(b"".join(batch))
+        self._body_tail = b"".join(batch)
 
 
 def _lines(pieces: Iterator[bytes]) -> Iterator[bytes]:
