@@ -283,7 +283,8 @@ class HoldQueue:
         if self._unsynced:
             done, self._unsynced = self._unsynced, []
             failed = await self.store.sync()
-            await self.index.remove_many([m for m in done if m[1] not in failed])
+            if not self.store.keeps_index:
+                await self.index.remove_many([m for m in done if m[1] not in failed])
 
     # -- the queue pass: expiry and delay warnings -----------------------------
 

@@ -243,6 +243,8 @@ class _Body:
 class RedisStore:
     """The :class:`~odmr_bridge.store.Store` in Redis (see the module's text)."""
 
+    keeps_index = True  # every script changes the index with the message
+
     def __init__(self, client: AsyncClient, wait_replicas: int, wait_timeout_ms: int,
                  scratch_dir: str | None = None) -> None:
         self.redis = client

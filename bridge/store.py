@@ -74,6 +74,11 @@ class Store(Protocol):
     ``hold`` (the operator's hold) and ``bounce`` (notices to senders).
     """
 
+    # True when the store's own scripts change the index with each message
+    # (the redis store): the hold queue then skips its batched index
+    # removals after :meth:`sync`, which would only repeat them.
+    keeps_index: bool
+
     def scratch(self) -> IO[bytes]:
         """A file object for intake to stream DATA into before :meth:`write`
         (in memory up to a size, then local disk).  It is read once per copy."""
@@ -161,6 +166,7 @@ class FilesStore:
     """The :class:`Store` on the spool directory (``spool.py``): one file per
     message, fsync and rename; the on-disk format is the spool's."""
 
+    keeps_index = False
     # Delivered files are closed this many at a time, on a worker thread.
     CLOSE_BATCH = 32
 
