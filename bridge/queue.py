@@ -247,15 +247,8 @@ class HoldQueue:
             # All final: remove now; durability and the index update follow
             # at the next sync(), batched.  A stale index entry meanwhile is
             # harmless: checkout() drops entries without a message.
-            # Listed first: a sync that learns of this removal's failure has it.
-            entry = (envelope.domain, envelope.qid)
-            self._unsynced.append(entry)
-            try:
-                await self.store.remove(envelope.domain, envelope.qid, sync=False)
-            except BaseException:
-                if entry in self._unsynced:  # still there: its index entry stays
-                    self._unsynced.remove(entry)
-                raise
+            await self.store.remove(envelope.domain, envelope.qid, sync=False)
+            self._unsynced.append((envelope.domain, envelope.qid))
             log.info("%s: removed", envelope.qid)
 
     async def notify(self, envelope: Envelope, recipients: list[Recipient]) -> str | None:
@@ -282,9 +275,9 @@ class HoldQueue:
         """Make the removals since the last sync durable and drop them from the index."""
         if self._unsynced:
             done, self._unsynced = self._unsynced, []
-            failed = await self.store.sync()
-            if not self.store.keeps_index:
-                await self.index.remove_many([m for m in done if m[1] not in failed])
+            await self.store.sync()
+            if not self.store.keeps_index:  # else the store's removals did it
+                await self.index.remove_many(done)
 
     # -- the queue pass: expiry and delay warnings -----------------------------
 

@@ -260,7 +260,6 @@ class RedisStore:
         self._read = _script(client, "store_read.lua")
         # Removals of delivered messages still on their way (see remove()).
         self._dropping: list[asyncio.Task[None]] = []
-        self._not_removed: set[str] = set()
 
     async def prepare(self) -> None:
         """Load the scripts up front (as Index.prepare does)."""
@@ -405,19 +404,17 @@ class RedisStore:
             # is stored and indexed as before and goes out again next session.
             log.warning("%s: removal after delivery failed, the message stays held: %s",
                         qid, exc)
-            self._not_removed.add(qid)
 
     async def _wait_for_drops(self) -> None:
-        dropping, self._dropping = self._dropping, []
-        if dropping:
+        if self._dropping:
             # wait(), not gather(): a caller cancelled meanwhile (its session
-            # ended) must not cancel the removals of other sessions.
-            await asyncio.wait(dropping)
+            # ended) must not cancel the removals of other sessions; and each
+            # caller waits for all of them, not only those it found first.
+            await asyncio.wait(list(self._dropping))
+            self._dropping = [task for task in self._dropping if not task.done()]
 
-    async def sync(self) -> frozenset[str]:
+    async def sync(self) -> None:
         await self._wait_for_drops()
-        failed, self._not_removed = frozenset(self._not_removed), set()
-        return failed
 
     async def quarantine(self, domain: str, qid: str, queue: str = DEFERRED) -> None:
         await self._drop(domain, qid, queue, "quarantine")

@@ -154,10 +154,13 @@ class Relay:
             self._body_tail = b""
         await self.writer.drain()
 
-    async def _reply(self, timeout: float) -> Reply:
-        if self._body_tail:  # nothing followed the body: it goes now
+    def _flush_body_tail(self) -> None:
+        if self._body_tail:
             self.writer.write(self._body_tail)
             self._body_tail = b""
+
+    async def _reply(self, timeout: float) -> Reply:
+        self._flush_body_tail()  # nothing followed the body: it goes now
         # Re-arm TCP_QUICKACK before every read: a delayed ACK to the customer's
         # reply would otherwise stall our next pipelined write (see README).
         if _QUICKACK is not None and self._socket is not None:
@@ -253,6 +256,7 @@ class Relay:
                             more = found is not None and await self.deliver(
                                 *found, report, checkout)
                         if report.messages % SYNC_EVERY == 0:
+                            self._flush_body_tail()  # not kept waiting for the store
                             await self.queue.sync()
                     if self._session_over():
                         break

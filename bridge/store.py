@@ -116,11 +116,11 @@ class Store(Protocol):
         duplicate delivery), never lose another."""
         ...
 
-    async def sync(self) -> frozenset[str]:
-        """Make the removals made with ``sync=False`` durable; return the queue
-        IDs among them that could not be removed (a store that sends them
-        without waiting learns it here): those messages stay as they were,
-        stored and indexed."""
+    async def sync(self) -> None:
+        """Make the removals made with ``sync=False`` durable.  A store that
+        sends them without waiting (and so learns of a failure only later)
+        must keep the index itself (``keeps_index``): a removal that failed
+        leaves the message stored and indexed."""
         ...
 
     async def quarantine(self, domain: str, qid: str, queue: str = DEFERRED) -> None:
@@ -210,10 +210,9 @@ class FilesStore:
             # An unlink without the directory fsync: cheaper than a thread hop.
             self.spool.remove(qid, queue, sync=False)
 
-    async def sync(self) -> frozenset[str]:
+    async def sync(self) -> None:
         self._close_delivered()
         await asyncio.to_thread(self.spool.sync)
-        return frozenset()  # each unlink happened (or raised) in remove()
 
     async def quarantine(self, domain: str, qid: str, queue: str = DEFERRED) -> None:
         await asyncio.to_thread(self.spool.quarantine, qid, queue)
