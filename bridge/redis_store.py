@@ -174,11 +174,8 @@ def _cut(size: int, head: int) -> tuple[int, list[int]]:
 
 async def _content_chunks(content: Content) -> AsyncIterator[bytes]:
     """The content as read: the prefix, then the data in reads of ``PIECE``."""
-    data = io.BytesIO(content.data) if isinstance(content.data, bytes) else content.data
-    data.seek(0)
-    yield content.prefix
-    while more := data.read(PIECE):
-        yield more
+    for chunk in content.chunks(PIECE):
+        yield chunk
 
 
 async def _recut(chunks: AsyncIterator[bytes], sizes: list[int], qid: str

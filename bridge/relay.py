@@ -22,7 +22,16 @@ from odmr_bridge import metrics
 from odmr_bridge.logs import seconds
 from odmr_bridge.queue import HoldQueue, Outcome
 from odmr_bridge.smtp_client import Extensions, Reply, crlf_line_ends, dot_stuff, read_reply
-from odmr_bridge.spool import DELIVERED, FAILED, PENDING, Envelope, Readable, Recipient
+from odmr_bridge.spool import (
+    DELIVERED,
+    FAILED,
+    PENDING,
+    Envelope,
+    Readable,
+    Recipient,
+    gathered,
+    read_chunks,
+)
 
 log = logging.getLogger("odmr_bridge.relay")
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
@@ -432,7 +441,7 @@ class Relay:
     async def _send_body(self, body: Readable) -> None:
         # Intake stores CRLF only; spools written before it did may hold bare
         # CR or LF, which must never reach a customer as a line end.
-        pieces = dot_stuff(crlf_line_ends(_chunks(body)))
+        pieces = dot_stuff(crlf_line_ends(read_chunks(body, BODY_CHUNK)))
         if self.line_per_write:
             for line in _lines(pieces):
                 self.writer.write(line)
@@ -440,19 +449,15 @@ class Relay:
                     await self.writer.drain()
             return
         # Otherwise one send per BODY_CHUNK: a small message and its end
-        # marker leave together.
-        batch: list[bytes] = []
-        size = 0
-        for piece in pieces:
-            batch.append(piece)
-            size += len(piece)
-            if size >= BODY_CHUNK:
-                self.writer.write(b"".join(batch))
-                batch.clear()
-                size = 0
+        # marker leave together, the last group with the next command group.
+        tail = b""
+        for group in gathered(pieces, BODY_CHUNK):
+            if tail:
+                self.writer.write(tail)
                 if self.writer.transport.get_write_buffer_size() > BODY_CHUNK:
                     await self.writer.drain()
-        self._body_tail = b"".join(batch)
+            tail = b"".join(group)
+        self._body_tail = tail
 
 
 def _lines(pieces: Iterator[bytes]) -> Iterator[bytes]:
@@ -467,6 +472,3 @@ def _lines(pieces: Iterator[bytes]) -> Iterator[bytes]:
         yield partial
 
 
-def _chunks(body: Readable) -> Iterator[bytes]:
-    while chunk := body.read(BODY_CHUNK):
-        yield chunk

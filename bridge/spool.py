@@ -25,7 +25,7 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -72,19 +72,36 @@ class Content:
             return len(self.prefix) + len(self.data)
         return len(self.prefix) + self.data.seek(0, os.SEEK_END)
 
-    def chunks(self) -> Iterator[bytes]:
-        """The whole content, in pieces of at most COPY_CHUNK bytes past the prefix."""
+    def chunks(self, size: int = COPY_CHUNK) -> Iterator[bytes]:
+        """The whole content: the prefix, then the data in pieces of at most *size* bytes."""
         yield self.prefix
         if isinstance(self.data, bytes):
-            yield self.data
+            for start in range(0, len(self.data), size):
+                yield self.data[start:start + size]
         else:
             self.data.seek(0)
-            yield from _read_chunks(self.data)
+            yield from read_chunks(self.data, size)
 
 
-def _read_chunks(source: Readable) -> Iterator[bytes]:
-    while chunk := source.read(COPY_CHUNK):
+def read_chunks(source: Readable, size: int = COPY_CHUNK) -> Iterator[bytes]:
+    """*source* to its end, in reads of *size* bytes."""
+    while chunk := source.read(size):
         yield chunk
+
+
+def gathered(pieces: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    """*pieces* in groups of at least *size* bytes (the last may be smaller),
+    each to leave in one write."""
+    group: list[bytes] = []
+    total = 0
+    for piece in pieces:
+        group.append(piece)
+        total += len(piece)
+        if total >= size:
+            yield group
+            group, total = [], 0
+    if group:
+        yield group
 
 
 class CorruptQueueFile(Exception):
@@ -163,23 +180,9 @@ def valid_qid(qid: str) -> bool:
     return 8 <= len(qid) <= 32 and all(c in _QID_ALPHABET for c in qid)
 
 
-def _write_gathered(fd: int, pieces: Iterator[bytes]) -> None:
-    """Write every piece, up to COPY_CHUNK bytes per writev(2)."""
-    batch: list[bytes] = []
-    size = 0
-    for piece in pieces:
-        batch.append(piece)
-        size += len(piece)
-        if size >= COPY_CHUNK:
-            _writev_all(fd, batch, size)
-            batch, size = [], 0
-    if batch:
-        _writev_all(fd, batch, size)
-
-
-def _writev_all(fd: int, buffers: list[bytes], size: int) -> None:
+def _writev_all(fd: int, buffers: list[bytes]) -> None:
     written = os.writev(fd, buffers)
-    if written < size:  # a short write (a signal, a full disk's last bytes): finish it
+    if written < sum(map(len, buffers)):  # a short write (a signal, a full disk): finish it
         rest = memoryview(b"".join(buffers))[written:]
         while rest:
             rest = rest[os.write(fd, rest):]
@@ -236,12 +239,13 @@ class Spool:
         elif isinstance(body, Content):
             content = body.chunks()
         else:
-            content = _read_chunks(body)
+            content = read_chunks(body)
         # O_TRUNC: a leftover of a command that died mid-write is overwritten.
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
-            _write_gathered(fd, itertools.chain((MAGIC, envelope.to_json(), b"\n"), content,
-                                                (TRAILER,)))
+            for group in gathered(itertools.chain((MAGIC, envelope.to_json(), b"\n"),
+                                                  content, (TRAILER,)), COPY_CHUNK):
+                _writev_all(fd, group)
             os.fsync(fd)
         except BaseException:
             temp.unlink(missing_ok=True)  # a disk-full write must not linger
