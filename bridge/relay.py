@@ -408,8 +408,7 @@ class Relay:
             mail_reply = await self._reply(timeout)
             rcpt_replies = [await self._reply(timeout) for _ in recipients]
             data_reply = await self._reply(self.timeouts.data_start)
-        else:
-            await self._finish_in_flight()
+        else:  # nothing is left in flight without PIPELINING (deliver())
             mail_reply = await self._command(envelope_lines[0], timeout)
             rcpt_replies = []
             data_reply = Reply(503, ("5.5.1 no valid recipients (not sent)",))
